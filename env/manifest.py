@@ -1,0 +1,143 @@
+"""Read pixi.toml, the single source of truth, into environments with their pins, torch index and CUDA floor."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST_ENV_VAR = "LORABOX_MANIFEST"
+_CUDA_INDEX = re.compile(r"/whl/(cu\d+|cpu)/?$")
+
+
+class ManifestError(Exception):
+    """pixi.toml is missing or does not describe the environments lorabox expects."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One PyPI requirement as pixi.toml states it."""
+
+    name: str
+    spec: str  # PEP 440 specifier, e.g. "==2.7.1"
+    index: str | None = None
+    feature: str = "<workspace>"
+
+    @property
+    def exact_version(self) -> str | None:
+        return self.spec[2:] if self.spec.startswith("==") and "*" not in self.spec else None
+
+    def requirement(self) -> str:
+        return f"{self.name}{self.spec}"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A pixi environment: its features resolved into pins for one platform."""
+
+    name: str
+    features: tuple[str, ...]
+    solve_group: str | None
+    platforms: tuple[str, ...]
+    cuda: str | None  # minimum CUDA from system-requirements; None for cpu
+    pins: dict[str, Pin] = field(default_factory=dict)
+
+    @property
+    def torch(self) -> Pin:
+        return self.pins["torch"]
+
+    @property
+    def torch_variant(self) -> str:
+        """'cu118', 'cu126', … or 'cpu', read from torch's wheel index."""
+        match = _CUDA_INDEX.search(self.torch.index or "")
+        return match.group(1) if match else "pypi"
+
+
+def find_manifest(start: Path | None = None) -> Path:
+    """pixi.toml from $LORABOX_MANIFEST, else the nearest one above `start` (cwd) or above this package."""
+    if os.environ.get(MANIFEST_ENV_VAR):
+        path = Path(os.environ[MANIFEST_ENV_VAR])
+        if not path.is_file():
+            raise ManifestError(f"{MANIFEST_ENV_VAR}={path} does not exist; point it at lorabox's pixi.toml.")
+        return path
+    for base in (start or Path.cwd(), Path(__file__).resolve().parent):
+        for directory in (base, *base.parents):
+            candidate = directory / "pixi.toml"
+            if candidate.is_file() and "lorabox" in candidate.read_text(encoding="utf-8")[:2000]:
+                return candidate
+    raise ManifestError(
+        "lorabox's pixi.toml was not found above the current directory or the installed package. "
+        f"Run from a lorabox checkout, or set {MANIFEST_ENV_VAR}=/path/to/pixi.toml."
+    )
+
+
+def _pins_of(table: dict, feature: str, platform: str) -> dict[str, Pin]:
+    pins: dict[str, Pin] = {}
+    sources = [table.get("pypi-dependencies", {})]
+    sources.append(table.get("target", {}).get(platform, {}).get("pypi-dependencies", {}))
+    for deps in sources:
+        for name, value in deps.items():
+            if isinstance(value, str):
+                pins[name] = Pin(name, value, None, feature)
+            elif "version" in value:
+                pins[name] = Pin(name, value["version"], value.get("index"), feature)
+            # path/git/url requirements (the editable lorabox itself) carry no version pin
+    return pins
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    data: dict
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Manifest:
+        path = path or find_manifest()
+        try:
+            return cls(path, tomllib.loads(path.read_text(encoding="utf-8")))
+        except tomllib.TOMLDecodeError as error:
+            raise ManifestError(f"{path} is not valid TOML 1.0: {error}") from error
+
+    @property
+    def environment_names(self) -> list[str]:
+        return list(self.data.get("environments", {}))
+
+    def environment(self, name: str, platform: str = "linux-64") -> Environment:
+        envs = self.data.get("environments", {})
+        if name not in envs:
+            raise ManifestError(f"environment {name!r} is not in {self.path}; expected one of {', '.join(envs)}.")
+        spec = envs[name]
+        features = tuple(spec["features"] if isinstance(spec, dict) else spec)
+        workspace = self.data.get("workspace", {})
+        platforms: tuple[str, ...] = tuple(workspace.get("platforms", []))
+        cuda = None
+        pins = _pins_of(self.data, "<workspace>", platform)
+        for feature_name in features:
+            feature = self.data.get("feature", {}).get(feature_name)
+            if feature is None:
+                raise ManifestError(f"environment {name!r} names feature {feature_name!r}, absent in {self.path}.")
+            if "platforms" in feature:
+                platforms = tuple(p for p in platforms if p in feature["platforms"])
+            cuda = feature.get("system-requirements", {}).get("cuda", cuda)
+            for pin_name, pin in _pins_of(feature, feature_name, platform).items():
+                if pin_name in pins and pins[pin_name].spec != pin.spec:
+                    raise ManifestError(
+                        f"{pin_name} is pinned twice in environment {name!r}: {pins[pin_name].spec} "
+                        f"(feature {pins[pin_name].feature}) and {pin.spec} (feature {feature_name}). "
+                        "Keep one pin per package per environment."
+                    )
+                pins[pin_name] = pin
+        solve_group = spec.get("solve-group") if isinstance(spec, dict) else None
+        return Environment(name, features, solve_group, platforms, str(cuda) if cuda else None, pins)
+
+    def environments(self, platform: str = "linux-64") -> list[Environment]:
+        return [self.environment(name, platform) for name in self.environment_names]
+
+    def all_pins(self) -> list[Pin]:
+        """Every pin in the file, feature by feature (for drift checks against other files)."""
+        pins = list(_pins_of(self.data, "<workspace>", "linux-64").values())
+        for name, feature in self.data.get("feature", {}).items():
+            pins.extend(_pins_of(feature, name, "linux-64").values())
+        return pins
