@@ -8,11 +8,19 @@ import importlib
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pins": ("env.pins", "print an environment's pins from pixi.toml as pip requirements"),
+    "matrix": ("env.matrix", "each environment's CUDA, torch, GPU archs, driver floors, platforms and image tags"),
+    "pick": ("env.pick", "name the environment that fits this machine's GPUs, driver and platform, with the reason"),
+    "preflight": ("env.preflight", "host checks before running an image: engine, NVIDIA runtime, WSL2, shm, disk"),
+    "build": ("env.build", "build lorabox:<version>-<env>-<flavour> images through the Docker Engine API"),
 }
 
 EXAMPLES = """\
 examples:
   lorabox env pins cpu > requirements.txt        # the cpu lane's exact pins, for plain pip
+  lorabox env matrix --json                      # environments x CUDA x driver floors x image tags
+  lorabox env pick                               # which environment fits this GPU and driver, and why
+  lorabox env preflight                          # can this host run the GPU images? each problem with its fix
+  lorabox env build --env cu126 --flavour cloud  # build lorabox:<version>-cu126-cloud (DOCKER_HOST honoured)
 """
 
 
