@@ -23,13 +23,16 @@ FLAVOURS: dict[str, str] = {
 CPU_FLAVOURS = ("linux", "cloud")
 
 # Runtime base per CUDA version. `base` images suffice: torch's wheels bring their own CUDA libraries, the
-# container runtime injects libcuda. NVIDIA deletes end-of-life tags (11.8 first): docker/README-section.md
-# documents the fallback (plain Ubuntu with NVIDIA_VISIBLE_DEVICES / NVIDIA_DRIVER_CAPABILITIES set).
+# container runtime injects libcuda. Digests where known (as published for these tags); NVIDIA deletes end-of-life
+# tags (11.8 first), so that one stays a tag and docker/README-section.md documents the fallback: plain Ubuntu,
+# which the Dockerfile makes GPU-ready by setting NVIDIA_VISIBLE_DEVICES / NVIDIA_DRIVER_CAPABILITIES itself.
 BASE_IMAGES: dict[str | None, str] = {
     None: "ubuntu:24.04",
     "11.8": "nvidia/cuda:11.8.0-base-ubuntu22.04",
-    "12.6": "nvidia/cuda:12.6.3-base-ubuntu24.04",
-    "12.8": "nvidia/cuda:12.8.1-base-ubuntu24.04",
+    "12.6": "nvidia/cuda:12.6.3-base-ubuntu24.04"
+    "@sha256:c87e78933f4c16e3272123bf2f75537306596d0fbaa395a29696a22786e5ee0e",
+    "12.8": "nvidia/cuda:12.8.1-base-ubuntu24.04"
+    "@sha256:e711c99333fdfe8ae1e677b4972be6c5021f0128a1d31f775c7e58d88921b6a9",
 }
 FALLBACK_BASE_IMAGE = {"11.8": "ubuntu:22.04"}
 

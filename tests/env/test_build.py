@@ -1,0 +1,77 @@
+"""`lorabox env build --dry-run`: tag, target, build arguments and labels derived from pixi.toml and git."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from env.build import git_commit, lock_hash, plan_build
+from env.manifest import Manifest
+from tests.conftest import REPO
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "env", "build", "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def test_plan_for_cu118_cloud():
+    done = dry_run("--env", "cu118", "--flavour", "cloud", "--json", "--registry", "ghcr.io/example")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    version = Manifest.load(REPO / "pixi.toml").data["workspace"]["version"]
+    assert plan["tag"] == f"ghcr.io/example/lorabox:{version}-cu118-cloud"
+    assert plan["target"] == "cloud" and plan["dockerfile"] == "docker/Dockerfile"
+    assert plan["buildargs"] == {"ENV": "cu118", "CUDA": "11.8", "BASE_IMAGE": "nvidia/cuda:11.8.0-base-ubuntu22.04"}
+    labels = plan["labels"]
+    assert labels["dev.lorabox.environment"] == "cu118"
+    assert labels["dev.lorabox.torch"] == "2.7.1+cu118"
+    assert labels["dev.lorabox.pixi-lock-sha256"] == lock_hash(REPO)
+    assert labels["org.opencontainers.image.revision"] == git_commit(REPO)
+
+
+def test_lock_hash_and_commit(tmp_path):
+    assert lock_hash(tmp_path) == "unlocked"
+    (tmp_path / "pixi.lock").write_text("version: 6\n")
+    assert lock_hash(tmp_path) == hashlib.sha256(b"version: 6\n").hexdigest()
+    assert git_commit(tmp_path) == "unknown"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert git_commit(REPO).startswith(head.strip())
+
+
+def test_overrides_and_refusals():
+    manifest = Manifest.load(REPO / "pixi.toml")
+    plan = plan_build(manifest, "cpu", "linux", base_image="localhost/debian:bookworm", env_image="localhost/e:1")
+    assert plan.buildargs == {
+        "ENV": "cpu",
+        "CUDA": "",
+        "BASE_IMAGE": "localhost/debian:bookworm",
+        "ENV_IMAGE": "localhost/e:1",
+    }
+    assert "--target linux" in plan.docker_command()
+    wsl_cpu = dry_run("--env", "cpu", "--flavour", "wsl2")
+    assert wsl_cpu.returncode == 2 and "choose one of linux, cloud" in wsl_cpu.stderr
+    unknown = dry_run("--env", "cu999")
+    assert unknown.returncode == 2 and "expected one of" in unknown.stderr
+    assert "Traceback" not in unknown.stderr + wsl_cpu.stderr
+
+
+def test_unreachable_engine_exit_3(tmp_path):
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/absent.sock", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "env", "build", "--env", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 3
+    assert "podman system service" in done.stderr and "Traceback" not in done.stderr
