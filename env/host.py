@@ -6,6 +6,7 @@ made; HostPaths bundles the defaults for callers that want them all."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ class HostPaths:
     containerenv: Path = Path("/run/.containerenv")
     cgroup: Path = Path("/proc/1/cgroup")
     shm: Path = Path("/dev/shm")
+    mounts: Path = Path("/proc/mounts")
     meminfo: Path = Path("/proc/meminfo")
 
 
@@ -75,8 +77,18 @@ def nvidia_visible_devices(environ: Mapping[str, str] = os.environ) -> str | Non
     return environ.get("NVIDIA_VISIBLE_DEVICES")
 
 
-def shm_bytes(shm: Path = HostPaths.shm) -> int | None:
-    """Size of the /dev/shm filesystem (DataLoader workers pass tensors through it); None if absent."""
+def shm_bytes(shm: Path = HostPaths.shm, mounts: Path = HostPaths.mounts) -> int | None:
+    """Size of the /dev/shm tmpfs (DataLoader workers pass tensors through it); None if absent.
+
+    The mount table's `size=` is what the container runtime granted (Docker's default: size=65536k); the
+    filesystem's own statistics are the fallback when the table does not say."""
+    sizes = []
+    for line in _read(mounts).splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[1] == str(shm):
+            sizes += [int(option[5:-1]) * 1024 for option in fields[3].split(",") if re.fullmatch(r"size=\d+k", option)]
+    if sizes:
+        return sizes[-1]  # the last mount on a path hides the earlier ones
     try:
         stat = os.statvfs(shm)
     except OSError:

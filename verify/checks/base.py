@@ -11,7 +11,8 @@ from typing import Literal
 from env.gpu import GpuReading, read_gpus
 from env.host import HostPaths
 
-Status = Literal["pass", "fail", "warn", "skip"]
+# Checks return the first four; "error" is set only by the registry when a check itself crashes.
+Status = Literal["pass", "fail", "warn", "skip", "error"]
 GIB = 1024**3
 
 

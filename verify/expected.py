@@ -1,0 +1,54 @@
+"""Which pixi environment this process runs in, and what pixi.toml pins for it (the reference for drift checks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from env.manifest import Environment, Manifest, ManifestError
+
+# torch.version.cuda -> the lane that ships that build, for runs outside pixi (plain pip, Docker without pixi).
+LANE_OF_TORCH_CUDA = {None: "cpu", "11.8": "cu118", "12.6": "cu126", "12.8": "cu128"}
+# Features that carry developer tools, not the training runtime: verify does not require them.
+DEV_FEATURES = ("test", "lint")
+
+
+@dataclass
+class Expected:
+    """The environment name, why it was chosen, and its manifest entry (None with `problem` when unknown)."""
+
+    name: str | None
+    reason: str
+    environment: Environment | None = None
+    problem: str | None = None
+
+    def runtime_pins(self) -> dict:
+        if self.environment is None:
+            return {}
+        return {name: pin for name, pin in self.environment.pins.items() if pin.feature not in DEV_FEATURES}
+
+
+def environment_name(environ: Mapping[str, str], torch_cuda: str | None, torch_found: bool) -> tuple[str | None, str]:
+    """The environment's name and the reason: pixi's own variable, then LORABOX_ENV, then torch's CUDA build."""
+    for variable in ("PIXI_ENVIRONMENT_NAME", "LORABOX_ENV"):
+        if environ.get(variable):
+            return environ[variable], f"${variable}"
+    if not torch_found:
+        return None, "torch is not importable, so the lane cannot be inferred"
+    name = LANE_OF_TORCH_CUDA.get(torch_cuda)
+    if name is None:
+        return None, f"torch is built for CUDA {torch_cuda}, which no lorabox lane ships"
+    return name, f"inferred from torch's build (CUDA {torch_cuda or 'none'})"
+
+
+def expected(environ: Mapping[str, str], torch_cuda: str | None, torch_found: bool = True) -> Expected:
+    name, reason = environment_name(environ, torch_cuda, torch_found)
+    if name is None:
+        return Expected(
+            None, reason, problem=f"environment unknown ({reason}); set LORABOX_ENV=<cpu|cu118|cu126|cu128>"
+        )
+    try:
+        manifest = Manifest.load()
+        return Expected(name, reason, manifest.environment(name))
+    except ManifestError as error:
+        return Expected(name, reason, problem=str(error))
