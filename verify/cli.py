@@ -18,7 +18,7 @@ examples:
   lorabox verify --require-gpu                    # GPU CI / cloud image: no GPU is a failure
   lorabox verify --json > verify.json             # machine-readable (schema: verify/schema.json)
   lorabox verify --config my.yaml --set training.micro_batch_size=4   # will this recipe fit?
-  lorabox verify --only bitsandbytes --only host  # a subset of checks
+  lorabox verify --only bnb --only host           # a subset of checks (names below)
 
 checks, in order: {checks}
 exit codes: {codes}
