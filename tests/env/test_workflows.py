@@ -56,6 +56,26 @@ def test_github_workflow_schema():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_every_job_has_a_timeout():
+    done = run_tool(
+        tool("check-jsonschema"), "--builtin-schema", "custom.github-workflows-require-timeout", *map(str, WORKFLOWS)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_file_schema():
+    done = run_tool(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker/compose.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    service = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["train"]
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for target in (":/recipe.yaml:ro", ":/outputs", ":/home/lorabox/.cache/huggingface"):
+        assert any(volume.endswith(target) for volume in service["volumes"]), target
+        "/recipe.yaml",
+        "/outputs",
+        "/home/lorabox/.cache/huggingface",
+    }
+
+
 def test_hadolint_dockerfile():
     done = run_tool(tool("hadolint"), "--no-color", "docker/Dockerfile")
     assert done.returncode == 0, done.stdout + done.stderr
