@@ -152,9 +152,9 @@ def choose(recipe, gpu_reading) -> SpeedChoices:
             "torch.compile off: not shown to speed up bitsandbytes 4-bit layers (graph breaks); "
             "opt in with performance.torch_compile=true"
         )
-    shape, planned = _planned(recipe, liger, choices.sft_kwargs)
+    shape, settings = planned(recipe, choices)
     if on_gpu and shape is not None:
-        est = estimate(shape, planned)
+        est = estimate(shape, settings)
         free = min(g.free_bytes for g in gpu_reading.gpus)
         verdict = "fits" if fits(est, free) else "may NOT fit"
         choices.reasons.append(
@@ -163,13 +163,16 @@ def choose(recipe, gpu_reading) -> SpeedChoices:
     return choices
 
 
-def _planned(recipe, liger: bool, sft_kwargs: dict):
+def planned(recipe, choices: SpeedChoices):
+    """The model shape (None if unknown) and the planner's settings for this recipe with these choices applied."""
     shape, _ = resolve_shape(recipe.model.name_or_path)
-    settings = settings_from_recipe(recipe, liger)
-    every = sft_kwargs.get("activation_checkpointing_kwargs", {}).get("every_n_layers", 1)
+    sft = choices.sft_kwargs
+    settings = settings_from_recipe(recipe, bool(sft.get("use_liger_kernel")))
+    every = sft.get("activation_checkpointing_kwargs", {}).get("every_n_layers", 1)
     settings = replace(
         settings,
-        micro_batch=sft_kwargs.get("per_device_train_batch_size", settings.micro_batch),
-        checkpoint_every=every if sft_kwargs.get("activation_checkpointing") else 0,
+        micro_batch=sft.get("per_device_train_batch_size", settings.micro_batch),
+        grad_accum=sft.get("gradient_accumulation_steps", settings.grad_accum),
+        checkpoint_every=every if sft.get("activation_checkpointing") else 0,
     )
     return shape, settings

@@ -1,0 +1,244 @@
+"""Building blocks of `lorabox bench`: random-weight models, synthetic data, both training paths, their meters."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from env.memory import GIB, PROJECTIONS, ModelShape
+
+HISTOGRAM = Path(__file__).resolve().parent / "data" / "bench" / "length_histogram.json"
+QUICK_SHAPE = ModelShape("quick-tiny", 64, 2, 128, 4, 2, 256)
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets (SXM parts); others need --peak-tflops.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def model_flops_per_token(shape: ModelShape, mean_len: float, n_lora: int) -> tuple[float, float]:
+    n_linear = shape.linear_params()
+    head = shape.vocab * shape.hidden
+    attention = 12 * shape.layers * shape.hidden * mean_len
+    return 4 * n_linear + 4 * head + 6 * n_lora + attention, 6 * (n_linear + 2 * head) + attention
+
+
+def sample_lengths(count: int, seq: int, kind: str, rng: random.Random) -> list[int]:
+    if kind == "fixed":
+        return [seq] * count
+    hist = json.loads(HISTOGRAM.read_text(encoding="utf-8"))
+    bins = list(zip(hist["edges"], hist["edges"][1:], strict=False))
+    picks = rng.choices(bins, weights=hist["counts"], k=count)
+    return [min(seq, rng.randrange(low, high)) for low, high in picks]
+
+
+def make_samples(count: int, seq: int, vocab: int, kind: str, seed: int = 0) -> list[list[int]]:
+    """Arithmetic progressions over a 16-token window: even a random-initialised model learns the window within a
+    few steps, so a correct path's loss visibly falls (and a broken one's does not)."""
+    rng = random.Random(seed)
+    window = min(16, vocab - 3)
+    rows = []
+    for length in sample_lengths(count, seq, kind, rng):
+        start, step = rng.randrange(window), rng.randrange(1, 8)
+        rows.append([3 + (start + step * i) % window for i in range(length)])
+    return rows
+
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over ids only: the bench feeds token ids, SFTTrainer still wants a tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_model_dir(shape: ModelShape, root: Path, device: str) -> Path:
+    """Random-initialised weights of the given shape, saved once and loaded by both paths (speed ignores values)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tied_embeddings,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(root)
+    del model
+    return root
+
+
+def load_4bit(model_dir: Path, device: str, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    kwargs.setdefault("attn_implementation", "sdpa")
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device}, **kwargs
+    )
+
+
+def meters(cuda: bool):
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize() if cuda else None
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize() if cuda else None
+            self.times.append(time.perf_counter() - self.start)
+
+    class Counting:
+        """Wraps the trainer's collator to count all and non-pad tokens of each batch, in order."""
+
+        def __init__(self, inner):
+            self.inner, self.counts = inner, []
+
+        def __call__(self, features):
+            batch = self.inner(features)
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            self.counts.append((ids.numel(), int(mask.sum()) if mask is not None else ids.numel()))
+            return batch
+
+    return StepTimer(), Counting
+
+
+def measure(name: str, trainer, args, shape: ModelShape, cuda: bool, device_name: str | None) -> dict:
+    import torch
+
+    timer, counting = meters(cuda)
+    trainer.add_callback(timer)
+    trainer.data_collator = counting(trainer.data_collator)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    counts, times = trainer.data_collator.counts[: len(timer.times)], timer.times
+    measured = slice(args.warmup, len(times))
+    seconds = sum(times[measured])
+    all_tokens = sum(c[0] for c in counts[measured])
+    real_tokens = sum(c[1] for c in counts[measured])
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    mean_len = real_tokens / max(1, (len(times) - args.warmup) * args.batch)
+    flops, flops_6n = model_flops_per_token(shape, mean_len, n_lora)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device_name and k in device_name), None)
+    rate = real_tokens / seconds if seconds else 0.0
+    result = {
+        "path": name,
+        "steps_measured": len(times) - args.warmup,
+        "tokens_per_s": all_tokens / seconds if seconds else 0.0,
+        "nonpad_tokens_per_s": rate,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
+        "mfu": rate * flops / (peak * 1e12) if peak else None,
+        "mfu_6n": rate * flops_6n / (peak * 1e12) if peak else None,
+        "losses": losses,
+    }
+    del trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def training_args(args, cuda: bool) -> dict:
+    return {
+        "output_dir": tempfile.mkdtemp(prefix="lorabox-bench-"),
+        "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": 1,
+        "max_steps": args.steps,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.3,
+        "optim": "paged_adamw_8bit",
+        "bf16": True,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        "use_cpu": not cuda,
+    }
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
+
+
+def run_seed(model_dir, tokenizer, dataset, args, shape, cuda, device_name) -> dict:
+    """device.md's seed recipe: HF Trainer + PEFT + NF4/double quant + checkpointing + paged AdamW 8-bit + SDPA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    model = load_4bit(model_dir, "cuda" if cuda else "cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, lora_config())
+    training = TrainingArguments(**training_args(args, cuda), activation_checkpointing=True)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=collator)
+    return measure("seed", trainer, args, shape, cuda, device_name)
+
+
+def bench_recipe(model_dir: Path, args, overrides: dict | None = None):
+    from env.recipe import Recipe
+
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train_file": "bench.jsonl", "max_seq_len": args.seq},
+            "training": {"micro_batch_size": args.batch, "gradient_accumulation": 1},
+            "performance": overrides or {},
+        }
+    )
+
+
+def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, recipe) -> dict:
+    """lorabox's path: TRL SFTTrainer with every train.speed decision applied."""
+    from trl import SFTConfig, SFTTrainer
+
+    from env.gpu import read_gpus
+    from train.speed import choose
+
+    choices = choose(recipe, read_gpus())
+    for reason in choices.reasons:
+        print(f"  lorabox: {reason}")
+    model = load_4bit(model_dir, "cuda" if cuda else "cpu", **choices.model_kwargs)
+    config = SFTConfig(**{**training_args(args, cuda), "max_length": args.seq, **choices.sft_kwargs})
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config()
+    )
+    return {**measure("lorabox", trainer, args, shape, cuda, device_name), "choices": choices.to_dict()}
+
+
+def token_dataset(rows: list[list[int]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": rows})
