@@ -1,11 +1,13 @@
 """Fault injection for tests, read from LORABOX_FAULT (comma-separated); unset in normal use, so nothing fires.
 
 Recognised faults:
-  after-write          exit abruptly (os._exit(137), like kill -9) after a checkpoint's files are written to the
-                       staging directory and before it is renamed into place
+  after-write[:K]      exit abruptly (os._exit(137), like kill -9) after a checkpoint's files are written to the
+                       staging directory and before it is renamed into place (only checkpoint-K if K is given)
   nan-at-step:K        multiply the loss of optimizer step K (1-based) by NaN before backward
   oom-above-batch:N    raise torch.OutOfMemoryError in every training step whose micro-batch size is above N
                        (N=0: even micro-batch 1 fails)
+  gpu-memory-percent:P cap this process at P% of GPU 0 (torch.cuda.set_per_process_memory_fraction), so a real
+                       allocation fails the way it would on a smaller card
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 
 ENV = "LORABOX_FAULT"
-KNOWN = ("after-write", "nan-at-step", "oom-above-batch")
+KNOWN = ("after-write", "nan-at-step", "oom-above-batch", "gpu-memory-percent")
 
 
 def active() -> dict[str, int | None]:
@@ -29,9 +31,22 @@ def active() -> dict[str, int | None]:
     return faults
 
 
-def crash_if(name: str) -> None:
-    """Die like a killed process if the flag fault `name` is requested."""
-    if name in active():
+def crash_if(name: str, step: int) -> None:
+    """Die like a killed process if fault `name` is requested for this step (or for every step)."""
+    faults = active()
+    if name in faults and faults[name] in (None, step):
         sys.stderr.write(f"lorabox: {ENV}={name}: exiting abruptly\n")
         sys.stderr.flush()
         os._exit(137)
+
+
+def cap_gpu_memory() -> None:
+    """Apply gpu-memory-percent:P if requested (a no-op without it or without CUDA)."""
+    percent = active().get("gpu-memory-percent")
+    if percent is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(percent / 100)
+        sys.stderr.write(f"lorabox: {ENV}: GPU memory capped at {percent}% of {torch.cuda.get_device_name()}\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from train.resilience import checkpoints
+from train.resilience import checkpoints, faults
 from train.resilience.launcher import STATUS_ENV
 from train.resilience.signals import STOP, exit_code
 from train.resilience.trainer_mixin import NonFiniteLoss
@@ -129,6 +129,18 @@ def _next_settings(recipe: Any) -> list[str]:
     return tips
 
 
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """A copy of the trainable (LoRA) tensors: small, and all a restart from step 0 needs."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: Any, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name])
+
+
 def _release(trainer: Any) -> None:
     if trainer is not None and hasattr(trainer, "accelerator"):
         trainer.accelerator.free_memory()
@@ -144,6 +156,7 @@ def fit(
     """Train with `make_trainer(micro_batch, grad_accum)` (a fresh model each call), resuming and recovering."""
     run_dir = Path(run_dir)
     STOP.install()
+    faults.cap_gpu_memory()
     checkpoint, error = choose_resume(run_dir, resume)
     if error:
         _say(error)
@@ -152,11 +165,17 @@ def fit(
     settings = recipe.resilience
     micro, accum = recipe.training.micro_batch_size, recipe.training.gradient_accumulation
     tried: list[str] = []
+    initial: dict[str, torch.Tensor] | None = None
     while True:
         trainer = None
         tried.append(f"micro-batch {micro} x accumulation {accum}")
         try:
             trainer = make_trainer(micro, accum)
+            if initial is None:
+                initial = _trainable_state(trainer.model)
+            elif checkpoint is None:
+                # make_trainer may hand back the same model object: undo steps taken before the OOM.
+                _restore(trainer.model, initial)
             trainer.configure_resilience(on_nan=settings.on_nan, max_nan_skips=settings.max_nan_skips)
             if STOP.signum:
                 _say(f"lorabox: {_name(STOP.signum)} arrived before training started; nothing new to save")
@@ -201,9 +220,12 @@ def fit(
             why = f"back-off needs a single process (this run has {world}); lower training.micro_batch_size yourself"
         model = getattr(getattr(recipe, "model", None), "name_or_path", "?")
         tips = "\n".join(f"  {i}. {tip}" for i, tip in enumerate(_next_settings(recipe), 1))
-        _say(
+        # Printed by the rank that ran out (in DDP it may not be rank 0).
+        print(
             f"error: out of memory training {model} at micro-batch {micro} x gradient accumulation {accum} "
-            f"({why}; tried: {', '.join(tried)}).\nMemory seen: {seen}.\nNext settings to try, one at a time:\n{tips}"
+            f"({why}; tried: {', '.join(tried)}).\nMemory seen: {seen}.\nNext settings to try, one at a time:\n{tips}",
+            file=sys.stderr,
+            flush=True,
         )
         return _finish(trainer, False, EXIT_OOM)
     if trainer.stopped_by_signal:

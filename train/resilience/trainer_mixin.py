@@ -173,7 +173,7 @@ class ResilientTrainerMixin:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every rank has written its files (rng_state_<rank>.pth)
         if self.args.should_save:
-            faults.crash_if("after-write")
+            faults.crash_if("after-write", self.state.global_step)
             checkpoints.publish(staging_root / name, run_dir / name, self.state.global_step)
             for gone in checkpoints.prune(run_dir, self.args.save_total_limit):
                 print(f"lorabox: removed {gone.name} (save_total_limit={self.args.save_total_limit} or incomplete)")
