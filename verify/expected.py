@@ -28,6 +28,11 @@ class Expected:
         return {name: pin for name, pin in self.environment.pins.items() if pin.feature not in DEV_FEATURES}
 
 
+def reinstall_fix(env_name: str | None) -> str:
+    env_name = env_name or "<env>"
+    return f"pixi install -e {env_name}   (pip: pip install -r <(lorabox env pins {env_name}))"
+
+
 def environment_name(environ: Mapping[str, str], torch_cuda: str | None, torch_found: bool) -> tuple[str | None, str]:
     """The environment's name and the reason: pixi's own variable, then LORABOX_ENV, then torch's CUDA build."""
     for variable in ("PIXI_ENVIRONMENT_NAME", "LORABOX_ENV"):

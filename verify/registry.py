@@ -105,7 +105,10 @@ def run_one(ctx: Context, name: str, report: Report) -> list[CheckResult]:
 def environment_summary(ctx: Context) -> dict:
     from env import host
 
-    torch = ctx.torch
+    try:
+        torch = ctx.torch_facts()
+    except Exception:  # a broken torch is reported by the imports check; the summary just leaves it out
+        torch = None
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

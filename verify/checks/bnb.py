@@ -10,6 +10,7 @@ import re
 import warnings
 
 from verify.checks.base import CheckResult, Context
+from verify.expected import environment_name, reinstall_fix
 
 ID = "bitsandbytes"
 TITLE = "bitsandbytes native kernels"
@@ -83,18 +84,20 @@ def kernel_checks(device: str) -> dict:
 def run(ctx: Context) -> CheckResult:
     values: dict = {"BNB_CUDA_VERSION": ctx.environ.get("BNB_CUDA_VERSION")}
     override = " | BNB_CUDA_VERSION is set: `unset BNB_CUDA_VERSION`" if values["BNB_CUDA_VERSION"] else ""
-    fix = f"reinstall bitsandbytes: `pixi install -e <env>`; `python -m bitsandbytes` shows its own diagnosis{override}"
     try:
+        facts = ctx.torch_facts()
+        fix = f"{reinstall_fix(environment_name(ctx.environ, facts.cuda, True)[0])}; `python -m bitsandbytes` diagnoses"
         import bitsandbytes
     except Exception as error:  # the imports check names the cause; here only say the kernels are untested
-        return CheckResult(ID, TITLE, "fail", f"bitsandbytes does not import: {error}", fix, values)
+        fix = f"{reinstall_fix(None)}; `python -m bitsandbytes` diagnoses"
+        return CheckResult(ID, TITLE, "fail", f"torch or bitsandbytes does not import: {error}", fix + override, values)
+    fix += override
     values["version"] = bitsandbytes.__version__
     path, problem = native_library()
     values["library"] = path
     if path is None:
         message = f"native library not loaded (the import-time fallback is active): {problem}"
         return CheckResult(ID, TITLE, "fail", message, fix, values)
-    facts = ctx.torch_facts()
     values["library_cuda"], values["torch_cuda"] = library_cuda(path), facts.cuda
     lib_cuda = values["library_cuda"]
     if (facts.cuda is None) != (lib_cuda is None) or (lib_cuda and lib_cuda.split(".")[0] != facts.cuda.split(".")[0]):

@@ -9,7 +9,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from verify.checks.base import CheckResult, Context
-from verify.expected import Expected, expected
+from verify.expected import Expected, expected, reinstall_fix
 
 ID = "imports"
 TITLE = "Imports and versions"
@@ -63,11 +63,6 @@ def installed_version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def reinstall_fix(env_name: str | None) -> str:
-    env_name = env_name or "<env>"
-    return f"pixi install -e {env_name}   (pip: pip install -r <(lorabox env pins {env_name}))"
 
 
 def check_imports(ctx: Context, exp: Expected) -> CheckResult:
