@@ -216,7 +216,7 @@ def render(result: FitResult | None, est: Estimate, source: str, notes: list[str
     ]
     lines += [f"{name:<38}{value / GIB:>8.2f}" for name, value in est.components.items()]
     lines += [
-        f"{'peak allocated (' + est.phase + ')':<38}{est.peak_allocated / GIB:>8.2f}",
+        f"{'peak allocated':<38}{est.peak_allocated / GIB:>8.2f}   (at: {est.phase})",
         f"{'+ allocator slack + CUDA context':<38}{(est.device_total - est.peak_allocated) / GIB:>8.2f}",
         f"{'needed on the card':<38}{est.device_total / GIB:>8.2f}",
     ]

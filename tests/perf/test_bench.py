@@ -1,0 +1,59 @@
+"""`lorabox bench`: --quick trains both paths on CPU (structure, positive numbers, loss guard); GPU modes refuse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "train.cli", "bench", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ~30 s of CPU: both training paths really run (imports dominate)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    run = bench("--quick", "--json-out", str(out))
+    return run, out
+
+
+def test_quick_runs_both_paths_and_writes_json(quick):
+    run, out = quick
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["path"] for r in report["results"]] == ["seed", "lorabox"]
+    for result in report["results"]:
+        assert result["steps_measured"] == report["steps"] - report["warmup"] > 0
+        assert result["tokens_per_s"] > 0 and result["nonpad_tokens_per_s"] > 0
+        assert result["planned_gib"] > 0
+        assert len(result["losses"]) == report["steps"]
+        assert result["peak_allocated_gib"] is None  # CPU: not measured, and not invented
+    assert report["ratios"]["tokens_per_s"] > 0
+    assert report["results"][1]["choices"]["reasons"]
+    assert "lorabox/seed" in run.stdout and "loss guard" in run.stdout
+
+
+def test_quick_loss_guard_same_forward_and_learning(quick):
+    _, out = quick
+    guard = json.loads(out.read_text(encoding="utf-8"))["loss_guard"]
+    # same weights and batch before any update: the two paths compute the same loss
+    assert guard["first_step_gap"] <= 0.01
+    assert guard["relative_gap"] <= 0.05
+    assert guard["both_learned"] and guard["ok"]
+
+
+@pytest.mark.parametrize("args", [["--plan-grid"], ["--shape", "7b"]])
+def test_gpu_modes_refuse_on_cpu_with_exit_3(args):
+    run = bench(*args, timeout=120)
+    assert run.returncode == 3
+    assert "no CUDA GPU" in run.stderr and "--quick" in run.stderr
+    assert "Traceback" not in run.stderr
