@@ -1,0 +1,231 @@
+"""Training data: read and validate JSONL line by line, then shape rows the way TRL's SFTTrainer expects them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SHAPES = {
+    "instruction": '{"instruction": str, "input": str (optional), "output": str}',
+    "chat": '{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}',
+    "text": '{"text": str}',
+}
+ROLES = ("system", "user", "assistant")
+MAX_LISTED = 20  # enough to see the pattern in a broken file without flooding the terminal
+
+
+class DataError(Exception):
+    """The data cannot be trained on; the message has one `file:line: problem` per bad line."""
+
+
+@dataclass
+class DataSet:
+    """Validated rows of one file, in its shape, plus what validation dropped."""
+
+    path: Path
+    shape: str
+    rows: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def detect_shape(row: dict[str, Any]) -> str | None:
+    for key, shape in (("messages", "chat"), ("instruction", "instruction"), ("text", "text")):
+        if key in row:
+            return shape
+    return None
+
+
+def _check_row(row: dict[str, Any], shape: str) -> tuple[str | None, str | None]:
+    """(problem, reason to skip): a problem is a broken line; a skip is a well-formed row with nothing to learn."""
+
+    def wrong_type(key: str, expected: str) -> str:
+        return f"field '{key}' is {type(row[key]).__name__}, expected {expected}"
+
+    if shape == "instruction":
+        for key in ("instruction", "output"):
+            if key not in row:
+                return f"missing field '{key}'; expected {SHAPES[shape]}", None
+        for key in ("instruction", "input", "output"):
+            if key in row and not isinstance(row[key], str):
+                return wrong_type(key, "a string"), None
+        return None, "empty 'output'" if not row["output"].strip() else None
+    if shape == "text":
+        if "text" not in row:
+            return f"missing field 'text'; expected {SHAPES[shape]}", None
+        if not isinstance(row["text"], str):
+            return wrong_type("text", "a string"), None
+        return None, "empty 'text'" if not row["text"].strip() else None
+    messages = row.get("messages")
+    if messages is None:
+        return f"missing field 'messages'; expected {SHAPES[shape]}", None
+    if not isinstance(messages, list):
+        return wrong_type("messages", "a list of {role, content} objects"), None
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return f"messages[{number}] needs a string 'content'; expected {SHAPES[shape]}", None
+        if message.get("role") not in ROLES:
+            return f"messages[{number}] has role {message.get('role')!r}, expected one of {', '.join(ROLES)}", None
+    has_answer = any(m["role"] == "assistant" and m["content"].strip() for m in messages)
+    return None, None if has_answer else "no assistant message with content"
+
+
+def read_jsonl(path: Path, shape: str = "auto") -> DataSet:
+    """Validate every line; raise DataError listing each broken line as `file:line: what, expected`."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; set data.train_file to a JSONL file (one JSON object per line)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: the file is empty; expected one JSON object per line, e.g. {SHAPES['instruction']}")
+    problems: list[str] = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{number}: a JSON {type(row).__name__}, expected an object like {SHAPES['text']}")
+            continue
+        if shape == "auto":
+            shape = detect_shape(row) or "auto"
+            if shape == "auto":
+                problems.append(
+                    f"{path}:{number}: keys {sorted(row)} match no data shape; expected one of: "
+                    + "; ".join(f"{name} {example}" for name, example in SHAPES.items())
+                )
+                break
+        problem, skip = _check_row(row, shape)
+        if problem:
+            problems.append(f"{path}:{number}: {problem}")
+        elif skip:
+            skipped.append(f"{path}:{number}: {skip}")
+        else:
+            rows.append(row)
+    if problems:
+        more = f"\n… and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError("\n".join(problems[:MAX_LISTED]) + more)
+    if not rows:
+        raise DataError(
+            f"{path}: no usable rows: all {len(skipped)} were filtered out ({skipped[0].split(': ', 1)[1]}, …); "
+            f"expected at least one {shape} row with content"
+        )
+    return DataSet(path, shape, rows, skipped)
+
+
+def has_generation_markers(tokenizer) -> bool:
+    return "generation" in (tokenizer.chat_template or "")
+
+
+def to_trl_rows(data: DataSet, tokenizer, completion_only: bool) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Rows in a TRL dataset format, the SFTConfig keys that go with them, and why this format was chosen."""
+    if data.shape == "text":
+        return [{"text": row["text"]} for row in data.rows], {"completion_only_loss": False}, "plain text: loss on all"
+    if data.shape == "instruction":
+        prompts = [
+            row["instruction"] + (f"\n\n{row['input']}" if row.get("input", "").strip() else "") for row in data.rows
+        ]
+        if tokenizer.chat_template:
+            rows = [
+                {
+                    "prompt": [{"role": "user", "content": p}],
+                    "completion": [{"role": "assistant", "content": r["output"]}],
+                }
+                for p, r in zip(prompts, data.rows, strict=True)
+            ]
+            how = "instruction data through the model's chat template"
+        else:
+            rows = [
+                {"prompt": f"### Instruction:\n{p}\n\n### Response:\n", "completion": r["output"]}
+                for p, r in zip(prompts, data.rows, strict=True)
+            ]
+            how = "instruction data as '### Instruction/### Response' text (the tokenizer has no chat template)"
+        loss = "loss on the responses only" if completion_only else "loss on prompt and response"
+        return rows, {"completion_only_loss": completion_only}, f"{how}; {loss}"
+    if not tokenizer.chat_template:
+        raise DataError(
+            f"{data.path}: chat data needs a chat template, and this model's tokenizer has none; "
+            "use an instruct/chat model, or convert the file to the instruction or text shape"
+        )
+    if not completion_only:
+        return [{"messages": r["messages"]} for r in data.rows], {}, "chat data; loss on every turn"
+    if has_generation_markers(tokenizer):
+        rows = [{"messages": r["messages"]} for r in data.rows]
+        return rows, {"assistant_only_loss": True}, "chat data; loss on every assistant turn (template marks them)"
+    # Without {% generation %} markers the template cannot say which tokens are the assistant's, so split each
+    # conversation at its last assistant turn: earlier turns become context, the last answer is what is learned.
+    rows = []
+    for row in data.rows:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        rows.append({"prompt": row["messages"][:last], "completion": row["messages"][last : last + 1]})
+    why = "chat data; loss on the last assistant turn only (the chat template has no {% generation %} markers)"
+    return rows, {"completion_only_loss": True}, why
+
+
+def token_length(row: dict[str, Any], tokenizer) -> int:
+    """Tokens the row occupies once rendered the way SFTTrainer renders it."""
+    if "text" in row:
+        return len(tokenizer(row["text"])["input_ids"]) + 1  # TRL appends EOS
+    messages = row.get("messages") or (row["prompt"] + row["completion"])
+    if isinstance(messages, str):
+        return len(tokenizer(messages)["input_ids"]) + 1
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def limit_lengths(rows: list[dict[str, Any]], tokenizer, max_len: int, overlong: str, path: Path):
+    """Apply data.overlong; return the rows kept and a one-line report of what happened to the long ones."""
+    lengths = [token_length(row, tokenizer) for row in rows]
+    long_rows = [n for n in lengths if n > max_len]
+    if not long_rows:
+        return rows, f"{path.name}: all {len(rows)} samples fit max_seq_len={max_len} (longest {max(lengths)} tokens)"
+    head = (
+        f"{path.name}: {len(long_rows)} of {len(rows)} samples exceed max_seq_len={max_len} (longest {max(long_rows)})"
+    )
+    if overlong == "truncate":
+        return rows, f"{head}: truncated to {max_len} tokens (data.overlong=truncate)"
+    kept = [row for row, n in zip(rows, lengths, strict=True) if n <= max_len]
+    if not kept:
+        raise DataError(
+            f"{path}: no usable rows: all {len(rows)} samples are longer than max_seq_len={max_len} and "
+            "data.overlong=drop; raise data.max_seq_len or set data.overlong=truncate"
+        )
+    return kept, f"{head}: dropped them (data.overlong=drop), {len(kept)} left"
+
+
+def build_datasets(recipe, train: DataSet, evaluation: DataSet | None, tokenizer, can_truncate: bool):
+    """Train/eval `datasets.Dataset`s in TRL's format, the SFTConfig keys for that format, and what was done."""
+    from datasets import Dataset
+
+    data = recipe.data
+    overlong = data.overlong if can_truncate else "drop"
+    rows, sft_extra, how = to_trl_rows(train, tokenizer, data.completion_only)
+    report = [f"data format: {how}"]
+    if overlong != data.overlong:
+        report.append("data.overlong=truncate is not possible with padding-free batches: overlong samples are dropped")
+    rows, line = limit_lengths(rows, tokenizer, data.max_seq_len, overlong, train.path)
+    report.append(line)
+    train_dataset, eval_dataset = Dataset.from_list(rows), None
+    if evaluation is not None:
+        eval_rows, line = limit_lengths(
+            to_trl_rows(evaluation, tokenizer, data.completion_only)[0],
+            tokenizer,
+            data.max_seq_len,
+            overlong,
+            evaluation.path,
+        )
+        report.append(line)
+        eval_dataset = Dataset.from_list(eval_rows)
+    elif data.eval_fraction > 0 and len(rows) >= 2:
+        split = train_dataset.train_test_split(test_size=data.eval_fraction, seed=recipe.training.seed)
+        train_dataset, eval_dataset = split["train"], split["test"]
+        report.append(f"held out {len(eval_dataset)} of {len(rows)} rows for evaluation (data.eval_fraction)")
+    return train_dataset, eval_dataset, sft_extra, report

@@ -1,0 +1,100 @@
+"""Model setup: compute dtype (with the reason), tokenizer, the 4-bit NF4 base model, and the LoRA adapter."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from env.recipe import Recipe
+from train import tiny_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def choose_dtype(recipe: Recipe) -> tuple[str, str]:
+    """('bf16'|'fp16'|'fp32', why). CPU always computes in fp32; 'auto' prefers bf16 where the GPU has it."""
+    wanted = recipe.model.compute_dtype
+    if not torch.cuda.is_available():
+        why = "no CUDA GPU: the CPU computes in fp32 (bf16/fp16 matmuls on CPU are slow or unsupported)"
+        return "fp32", why + ("" if wanted in ("auto", "fp32") else f"; model.compute_dtype={wanted} ignored")
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    if wanted != "auto":
+        if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"model.compute_dtype=bf16, but {name} (sm_{major}{minor}) has no bf16; "
+                "use --set model.compute_dtype=fp16"
+            )
+        return wanted, f"model.compute_dtype={wanted} set in the recipe"
+    if torch.cuda.is_bf16_supported():
+        return "bf16", f"{name} (sm_{major}{minor}) supports bf16: fp32's range, no loss scaling needed"
+    return "fp16", f"{name} (sm_{major}{minor}) has no bf16 (needs sm_80+): fp16 with loss scaling"
+
+
+def load_tokenizer(recipe: Recipe, name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _device_map() -> dict[str, Any] | None:
+    # FSDP shards the model itself and needs it unplaced; DDP puts one full copy on each process's GPU.
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_base_model(recipe: Recipe, name_or_path: str, dtype: str, extra_kwargs: dict[str, Any]):
+    """The frozen base: 4-bit NF4 with double quantisation (QLoRA) unless the recipe turns 4-bit off."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {
+        "revision": recipe.model.revision,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "dtype": DTYPES[dtype],
+        "device_map": _device_map(),
+    }
+    if recipe.model.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=recipe.model.quant_type,
+            bnb_4bit_use_double_quant=recipe.model.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[dtype],
+            # FSDP flattens parameters of one dtype: store the 4-bit weights in the compute dtype so they shard.
+            bnb_4bit_quant_storage=DTYPES[dtype],
+        )
+    kwargs.update(extra_kwargs)  # train.speed's choices (attention implementation, …)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def add_lora(model, recipe: Recipe, gradient_checkpointing: bool):
+    """Wrap the base in a LoRA PeftModel once, so the trainer can be rebuilt (OOM back-off) around the same model."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.model.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def resolve_name(recipe: Recipe) -> str:
+    """The local directory or hub id to load (a bundled model is built on first use)."""
+    return tiny_model.resolve(recipe.model.name_or_path)

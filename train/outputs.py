@@ -1,0 +1,112 @@
+"""What a finished run leaves behind besides the adapter: summary.json, provenance.json and loss.png."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("lorabox", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic")
+SUMMARY_KEYS = (
+    "steps",
+    "tokens",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "wall_time_s",
+    "first_train_loss",
+    "final_train_loss",
+    "final_eval_loss",
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarize(metrics: list[dict[str, Any]], steps: int, tokens: int, wall_s: float, peak: int) -> dict[str, Any]:
+    """tokens_per_s counts the training loop only (Trainer's train_runtime); wall_time_s includes setup and saving."""
+    train = [m["loss"] for m in metrics if "loss" in m]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), wall_s)
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        "peak_memory_bytes": peak,
+        "wall_time_s": round(wall_s, 2),
+        "first_train_loss": train[0] if train else None,
+        "final_train_loss": train[-1] if train else None,
+        "final_eval_loss": evals[-1] if evals else None,
+    }
+
+
+def _git_commit(start: Path) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=start, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def provenance(config_hash: str, dataset_hashes: dict[str, str]) -> dict[str, Any]:
+    """Everything needed to say what produced a run: versions, GPU and driver (read via NVML), commit, hashes."""
+    import torch
+
+    from env.gpu import read_gpus
+
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    reading = read_gpus()
+    return {
+        "packages": packages,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "driver": reading.driver,
+        "cuda_driver": reading.cuda_driver,
+        "gpus": [
+            {"name": g.name, "total_bytes": g.total_bytes, "capability": list(g.capability)} for g in reading.gpus
+        ],
+        "gpu_reading_source": reading.source,
+        "git_commit": _git_commit(Path(__file__).resolve().parent),
+        "config_hash": config_hash,
+        "dataset_hashes": dataset_hashes,
+    }
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
+    """Train (and eval) loss against optimizer step, as a PNG that opens anywhere."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in containers
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
