@@ -11,7 +11,7 @@ residual stream is fp32): its 7B→8B Liger difference and its no-checkpointing 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 GIB = 1024**3
@@ -116,6 +116,7 @@ class RunSettings:
     liger: bool = False  # Liger RMSNorm/RoPE/SwiGLU layer kernels
     loss_kernel: LossKernel = "trl_chunked"  # TRL >= 1.16 SFTTrainer never materialises the logits
     attention_mask: bool = True  # a padding or packing mask makes SDPA expand GQA's k/v to all heads
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
 
     @property
     def tokens(self) -> int:
@@ -178,14 +179,19 @@ def layer_activation_bytes_per_token(shape: ModelShape, s: RunSettings) -> float
         # one shared input; a fp32 stream is cast to the compute dtype once per projection by autocast
         return (1 if stream == c else len(hit)) * c * width
 
-    kv_saved = 2 * (h if s.attention_mask else kv)  # SDPA uses native GQA only without a mask
+    # SDPA uses native GQA only without a mask; eager always repeats k/v to all heads; flash-attention never does
+    expanded = s.attention == "eager" or (s.attention == "sdpa" and s.attention_mask)
+    kv_saved = 2 * (h if expanded else kv)
     attention = (
         lora_inputs(("q_proj", "k_proj", "v_proj"), h)
-        + c * (h + kv_saved)  # q, k after RoPE and v, as SDPA saves them
-        + c * h  # SDPA output
-        + 4 * shape.heads  # its logsumexp
+        + c * (h + kv_saved)  # q, k after RoPE and v, as the attention kernel saves them
+        + c * h  # attention output
+        + 4 * shape.heads  # the fused kernels' logsumexp
         + (lora_inputs(("o_proj",), h) if "o_proj" in targets else 0)
     )
+    if s.attention == "eager":
+        # eager materialises the scores: softmax's fp32 output and its compute-dtype copy, heads x seq per token
+        attention += (4 + c) * shape.heads * s.seq_len
     # gate/up outputs come out in the stream dtype; HF saves gate (silu), silu(gate) and up (mul), Liger's fused
     # SwiGLU saves gate and up only.
     mlp = lora_inputs(("gate_proj", "up_proj"), h) + (2 if s.liger else 3) * stream * i
@@ -270,7 +276,3 @@ def seed_settings(micro_batch: int = 4, seq_len: int = 2048, liger: bool = False
         loss_kernel="liger_flce" if liger else "full_logits",
         attention_mask=False,  # fixed-length rows: transformers drops the all-ones mask
     )
-
-
-def with_changes(s: RunSettings, **changes) -> RunSettings:
-    return replace(s, **changes)

@@ -116,6 +116,8 @@ def settings_from_recipe(recipe, liger: bool) -> RunSettings:
         checkpoint_every=0 if perf.gradient_checkpointing == "off" else 1,
         optimizer=training.optimizer,
         liger=liger,
+        # "auto" resolves to flash_attention_2 or sdpa (train.speed); both keep no score matrix
+        attention="eager" if model.attn_implementation == "eager" else "sdpa",
     )
 
 

@@ -24,12 +24,12 @@ class SpeedChoices:
         return {"model_kwargs": self.model_kwargs, "sft_kwargs": self.sft_kwargs, "reasons": self.reasons}
 
 
-def _cuda_ready(gpu_reading) -> tuple[bool, str]:
+def _cuda_ready(gpu_reading, cuda_available: bool | None) -> tuple[bool, str]:
     if not gpu_reading.gpus:
         return False, "no NVIDIA GPU"
     import torch
 
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
         return False, f"torch {torch.__version__} cannot use the GPU (CPU build or CUDA unavailable)"
     return True, ""
 
@@ -123,9 +123,11 @@ def _checkpointing(recipe, on_gpu: bool, gpu_reading, liger: bool, reasons: list
     }
 
 
-def choose(recipe, gpu_reading) -> SpeedChoices:
-    """Decide attention, Liger, padding-free, checkpointing, micro-batch and torch.compile for this recipe and GPU."""
-    on_gpu, why_not = _cuda_ready(gpu_reading)
+def choose(recipe, gpu_reading, cuda_available: bool | None = None) -> SpeedChoices:
+    """Decide attention, Liger, padding-free, checkpointing, micro-batch and torch.compile for this recipe and GPU.
+
+    cuda_available: None asks torch; tests pass True with an injected reading to exercise the GPU decisions."""
+    on_gpu, why_not = _cuda_ready(gpu_reading, cuda_available)
     choices = SpeedChoices()
     attention, reason = _attention(recipe, on_gpu, gpu_reading)
     choices.model_kwargs["attn_implementation"] = attention
@@ -174,5 +176,6 @@ def planned(recipe, choices: SpeedChoices):
         micro_batch=sft.get("per_device_train_batch_size", settings.micro_batch),
         grad_accum=sft.get("gradient_accumulation_steps", settings.grad_accum),
         checkpoint_every=every if sft.get("activation_checkpointing") else 0,
+        attention=choices.model_kwargs.get("attn_implementation", "sdpa"),
     )
     return shape, settings

@@ -63,6 +63,9 @@ def test_memory_savers_save_memory():
         # full logits (HF loss) cost more than TRL's chunked head, most for the 128k vocabulary
         full = estimate(shape, replace(BASE, loss_kernel="full_logits")).peak_allocated
         assert full > estimate(shape, BASE).peak_allocated
+        # eager attention keeps the heads x seq x seq scores; the fused kernels do not
+        eager = estimate(shape, replace(BASE, attention="eager", checkpoint_every=0)).peak_allocated
+        assert eager > estimate(shape, replace(BASE, checkpoint_every=0)).peak_allocated
 
 
 def test_documented_comparison_with_device_md(capsys):
