@@ -66,14 +66,15 @@ def test_json_run_validates_against_the_schema():
     assert report["environment"]["gpu_source"] == "none" and report["environment"]["torch"].startswith("2.")
 
 
-def test_require_gpu_without_a_gpu_fails_with_exit_1():
+def test_require_gpu_without_a_gpu_fails_with_exit_1(capsys, monkeypatch):
     if has_gpu():
         pytest.skip(CPU_ONLY)
-    proc = run_verify("--require-gpu", "--only", "gpu", "--json")
-    assert proc.returncode == 1, proc.stderr
-    report = json.loads(proc.stdout)
+    monkeypatch.delenv(FAKE_GPUS_ENV_VAR, raising=False)
+    assert main(["--require-gpu", "--only", "gpu", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
     VALIDATOR.validate(report)
-    assert report["checks"][0]["status"] == "fail" and report["checks"][0]["fix"]
+    driver = report["checks"][0]
+    assert driver["status"] == "fail" and driver["message"].startswith("no NVIDIA GPU") and driver["fix"]
 
 
 def test_missing_config_file_exits_3_with_one_line_and_json_that_says_so(tmp_path, capsys):

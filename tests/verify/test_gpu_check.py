@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from env.gpu import FAKE_GPUS_ENV_VAR, GpuInfo, GpuReading
 from env.host import HostPaths
-from tests.conftest import REPO
 from verify.checks.base import Context, TorchFacts
 from verify.checks.gpu import covers
+from verify.cli import main
 from verify.registry import run_checks
 
 CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -106,18 +103,16 @@ def test_kernel_image_coverage(capability, archs, expected):
     assert covers(capability, archs) is expected
 
 
-def test_injected_gpu_with_this_cpu_torch_fails_through_the_command_line(tmp_path):
-    """End to end: `python -m verify --only gpu` reads LORABOX_FAKE_GPUS and really imports this CPU-only torch."""
+def test_injected_gpu_with_this_cpu_torch_fails_through_the_command_line(tmp_path, monkeypatch, capsys):
+    """Through the command line: LORABOX_FAKE_GPUS is read, and the torch really imported here is CPU-only."""
     import torch
 
     if torch.version.cuda:
         pytest.skip("this torch is a CUDA build; the CPU-only failure cannot be produced here")
     path = tmp_path / "gpus.json"
     path.write_text(json.dumps(GpuReading("nvml", "560.35.03", "12.6", [RTX_3060]).to_dict()))
-    environ = {**os.environ, FAKE_GPUS_ENV_VAR: str(path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "verify", "--only", "gpu"], cwd=REPO, env=environ, capture_output=True, text=True
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "✗ torch CUDA build" in proc.stdout and "fix: pixi run -e cu126 verify" in proc.stdout
-    assert "RTX 3060 Laptop GPU (sm_86, 6.0 GiB" in proc.stdout
+    monkeypatch.setenv(FAKE_GPUS_ENV_VAR, str(path))
+    assert main(["--only", "gpu"], prog="lorabox verify") == 1
+    out = capsys.readouterr().out
+    assert "✗ torch CUDA build" in out and "fix: pixi run -e cu126 verify" in out
+    assert "RTX 3060 Laptop GPU (sm_86, 6.0 GiB" in out and "exit 1: a required check failed" in out

@@ -48,7 +48,10 @@ def run(ctx: Context) -> CheckResult:
     if ctx.alloc_devices is not None:
         devices = ctx.alloc_devices
     elif ctx.has_nvidia_gpu:
-        facts = ctx.torch_facts()
+        try:
+            facts = ctx.torch_facts()
+        except Exception as error:
+            return CheckResult(ID, TITLE, "skip", f"torch does not import ({error}); the imports check says why")
         devices = [f"cuda:{i}" for i in range(facts.device_count)] if facts.available else []
     else:
         devices = []

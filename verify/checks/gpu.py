@@ -7,7 +7,7 @@ import re
 from env import host
 from env.compat import BNB_MIN_CAPABILITY_4BIT, MINOR_VERSION_FLOORS, driver_floor, driver_meets, version_tuple
 from verify.checks.base import GIB, CheckResult, Context, TorchFacts
-from verify.expected import expected
+from verify.expected import expected, reinstall_fix
 
 ID = "gpu"
 TITLE = "GPU, driver and torch CUDA build"
@@ -122,7 +122,11 @@ def check_torch(ctx: Context) -> CheckResult:
     title = "torch CUDA build against driver and GPUs"
     if not ctx.has_nvidia_gpu:
         return CheckResult("gpu.torch", title, "skip", "no NVIDIA GPU, nothing for torch's CUDA build to match")
-    facts = ctx.torch_facts()
+    try:
+        facts = ctx.torch_facts()
+    except Exception as error:  # the imports check names the cause (missing, ABI break); here the GPU is unusable
+        message = f"torch does not import, so it cannot use the {len(ctx.gpu.gpus)} GPU(s): {error}"
+        return CheckResult("gpu.torch", title, "fail", message, reinstall_fix(None))
     windows = host.is_wsl(ctx.host.proc_version)  # WSL2 runs the Windows driver, so its floors apply
     values = {
         "torch": facts.version,

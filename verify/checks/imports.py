@@ -122,7 +122,6 @@ def check_versions(exp: Expected) -> CheckResult:
 
 
 def run(ctx: Context) -> list[CheckResult]:
-    torch_problem = import_problem("torch")
-    torch_cuda = ctx.torch_facts().cuda if torch_problem is None else None
-    exp = expected(ctx.environ, torch_cuda, torch_found=torch_problem is None)
+    torch_found = import_problem("torch") is None
+    exp = expected(ctx.environ, ctx.torch_facts().cuda if torch_found else None, torch_found)
     return [check_imports(ctx, exp), check_versions(exp)]
