@@ -259,7 +259,7 @@ def estimate(shape: ModelShape, s: RunSettings) -> Estimate:
         out["logits and loss"] = int(loss_phase)
         phase = "loss (start of backward)"
     else:
-        out["layer backward (recompute + grads)"] = int(layer_phase)
+        out["layer backward (recompute + grads)" if k else "layer backward (grads)"] = int(layer_phase)
         phase = "layer backward" + (" with recompute" if k else "")
     return Estimate(shape, s, out, phase)
 

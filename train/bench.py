@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
         shape, args.batch, args.seq, args.steps, args.warmup, args.lr = QUICK_SHAPE, 2, 64, 8, 1, 2e-2
     model_dir = build_model_dir(shape, Path(tempfile.mkdtemp(prefix="lorabox-bench-model-")), "cuda" if cuda else "cpu")
     tokenizer = build_tokenizer(shape.vocab)
-    rows = token_dataset(make_samples(args.steps * args.batch, args.seq, shape.vocab, args.data))
+    # --quick shrinks the histogram's lengths with the sequence (2048 -> 64) so variable rows still carry padding
+    scale = args.seq / 2048 if args.quick else 1.0
+    rows = token_dataset(make_samples(args.steps * args.batch, args.seq, shape.vocab, args.data, scale=scale))
     print(
         f"bench: {shape.name}, micro-batch {args.batch} x {args.seq} ({args.data}), {args.steps} steps, "
         f"device {device_name or 'cpu'}"

@@ -24,22 +24,23 @@ def model_flops_per_token(shape: ModelShape, mean_len: float, n_lora: int) -> tu
     return 4 * n_linear + 4 * head + 6 * n_lora + attention, 6 * (n_linear + 2 * head) + attention
 
 
-def sample_lengths(count: int, seq: int, kind: str, rng: random.Random) -> list[int]:
+def sample_lengths(count: int, seq: int, kind: str, rng: random.Random, scale: float = 1.0) -> list[int]:
+    """Row lengths: all `seq`, or drawn from the histogram (times `scale`, so a tiny --quick run keeps its shape)."""
     if kind == "fixed":
         return [seq] * count
     hist = json.loads(HISTOGRAM.read_text(encoding="utf-8"))
     bins = list(zip(hist["edges"], hist["edges"][1:], strict=False))
     picks = rng.choices(bins, weights=hist["counts"], k=count)
-    return [min(seq, rng.randrange(low, high)) for low, high in picks]
+    return [max(4, min(seq, int(rng.randrange(low, high) * scale))) for low, high in picks]
 
 
-def make_samples(count: int, seq: int, vocab: int, kind: str, seed: int = 0) -> list[list[int]]:
+def make_samples(count: int, seq: int, vocab: int, kind: str, seed: int = 0, scale: float = 1.0) -> list[list[int]]:
     """Arithmetic progressions over a 16-token window: even a random-initialised model learns the window within a
     few steps, so a correct path's loss visibly falls (and a broken one's does not)."""
     rng = random.Random(seed)
     window = min(16, vocab - 3)
     rows = []
-    for length in sample_lengths(count, seq, kind, rng):
+    for length in sample_lengths(count, seq, kind, rng, scale):
         start, step = rng.randrange(window), rng.randrange(1, 8)
         rows.append([3 + (start + step * i) % window for i in range(length)])
     return rows
@@ -160,11 +161,16 @@ def measure(name: str, trainer, args, shape: ModelShape, cuda: bool, device_name
         "mfu_6n": rate * flops_6n / (peak * 1e12) if peak else None,
         "losses": losses,
     }
-    del trainer
+    return result
+
+
+def release(cuda: bool) -> None:
+    """Free the previous path's model before the next one loads, so its memory is not counted in the next peak."""
     gc.collect()
     if cuda:
+        import torch
+
         torch.cuda.empty_cache()
-    return result
 
 
 def training_args(args, cuda: bool) -> dict:
@@ -198,6 +204,7 @@ def run_seed(model_dir, tokenizer, dataset, args, shape, cuda, device_name) -> d
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+    release(cuda)
     model = load_4bit(model_dir, "cuda" if cuda else "cpu")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, lora_config())
@@ -230,6 +237,7 @@ def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, r
     choices = choose(recipe, read_gpus())
     for reason in choices.reasons:
         print(f"  lorabox: {reason}")
+    release(cuda)
     model = load_4bit(model_dir, "cuda" if cuda else "cpu", **choices.model_kwargs)
     config = SFTConfig(**{**training_args(args, cuda), "max_length": args.seq, **choices.sft_kwargs})
     trainer = SFTTrainer(

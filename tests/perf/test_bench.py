@@ -16,7 +16,6 @@ def bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
 
 
 # ~30 s of CPU: both training paths really run (imports dominate)
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +25,7 @@ def quick(tmp_path_factory):
     return run, out
 
 
+@pytest.mark.slow  # ~30 s of CPU: both training paths really run
 def test_quick_runs_both_paths_and_writes_json(quick):
     run, out = quick
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -42,6 +42,7 @@ def test_quick_runs_both_paths_and_writes_json(quick):
     assert "lorabox/seed" in run.stdout and "loss guard" in run.stdout
 
 
+@pytest.mark.slow
 def test_quick_loss_guard_same_forward_and_learning(quick):
     _, out = quick
     guard = json.loads(out.read_text(encoding="utf-8"))["loss_guard"]
@@ -57,3 +58,18 @@ def test_gpu_modes_refuse_on_cpu_with_exit_3(args):
     assert run.returncode == 3
     assert "no CUDA GPU" in run.stderr and "--quick" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_variable_lengths_follow_the_bundled_histogram():
+    import random
+
+    from train.benchkit import HISTOGRAM, make_samples, sample_lengths
+
+    source = json.loads(HISTOGRAM.read_text(encoding="utf-8"))["source"]
+    assert source.startswith("SYNTHETIC")  # says honestly where it came from
+    lengths = sample_lengths(2000, 2048, "variable", random.Random(0))
+    assert max(lengths) <= 2048 and min(lengths) >= 16
+    assert 150 < sorted(lengths)[1000] < 260  # median near the documented 192 tokens
+    assert sample_lengths(5, 2048, "fixed", random.Random(0)) == [2048] * 5
+    rows = make_samples(4, 64, 256, "fixed")
+    assert all(len(r) == 64 and all(3 <= t < 256 for t in r) for r in rows)
