@@ -42,7 +42,8 @@ def run(ctx: Context) -> CheckResult:
             ID,
             TITLE,
             "skip",
-            f"no NVIDIA GPU to compare with; the recipe needs about {est.device_total / GIB:.1f} GiB",
+            f"no NVIDIA GPU to compare with; the recipe needs about {est.device_total / GIB:.1f} GiB "
+            f"(for a given card: lorabox plan --config {ctx.config} --gpu-mem 12GiB)",
             fix=f"plan for a card: lorabox plan --config {ctx.config} --gpu-mem 12GiB",
             values=values,
         )
