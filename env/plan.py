@@ -112,7 +112,10 @@ def settings_from_recipe(recipe, liger: bool) -> RunSettings:
         lora_r=lora.r,
         lora_targets=PROJECTIONS if targets == "all-linear" else tuple(targets),
         lora_dropout=lora.dropout,
-        lora_bytes=2 if model.load_in_4bit else 4,
+        lora_bytes=2 if model.load_in_4bit else 4,  # TRL casts a quantised model's adapters to bf16
+        # train/model.py add_lora runs peft.prepare_model_for_kbit_training on 4-bit bases: fp32 norms, embeddings
+        # and lm_head, hence an fp32 residual stream
+        upcast_non_quantized=model.load_in_4bit,
         checkpoint_every=0 if perf.gradient_checkpointing == "off" else 1,
         optimizer=training.optimizer,
         liger=liger,

@@ -228,10 +228,11 @@ def bench_recipe(model_dir: Path, args, overrides: dict | None = None):
 
 
 def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, recipe) -> dict:
-    """lorabox's path: TRL SFTTrainer with every train.speed decision applied."""
+    """lorabox's path: train.model's LoRA wrapping, TRL SFTTrainer, every train.speed decision applied."""
     from trl import SFTConfig, SFTTrainer
 
     from env.gpu import read_gpus
+    from train.model import add_lora
     from train.speed import choose
 
     choices = choose(recipe, read_gpus())
@@ -239,10 +240,10 @@ def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, r
         print(f"  lorabox: {reason}")
     release(cuda)
     model = load_4bit(model_dir, "cuda" if cuda else "cpu", **choices.model_kwargs)
+    # the recipe's LoRA section defaults to the seed's adapter (r=16, alpha 32, dropout 0.05, all 7 projections)
+    model = add_lora(model, recipe, choices.sft_kwargs.get("activation_checkpointing", True))
     config = SFTConfig(**{**training_args(args, cuda), "max_length": args.seq, **choices.sft_kwargs})
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config()
-    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     return {**measure("lorabox", trainer, args, shape, cuda, device_name), "choices": choices.to_dict()}
 
 

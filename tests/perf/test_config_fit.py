@@ -30,8 +30,8 @@ def recipe(tmp_path: Path, batch: int = 4, seq: int = 2048, model: str = "7b") -
     return path
 
 
-def test_fits_on_a_12_gib_card(tmp_path):
-    result = config_fit.run(Context(config=recipe(tmp_path), gpu=card(11.5)))
+def test_fits_on_a_16_gib_card(tmp_path):
+    result = config_fit.run(Context(config=recipe(tmp_path), gpu=card(15.5, "NVIDIA GeForce RTX 4080")))
     assert result.status == "pass", result.message
     assert result.values["needed_gib"] < result.values["free_gib"]
 

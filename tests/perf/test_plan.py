@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from env import plan
-from env.memory import GIB, SHAPES, RunSettings, checkpointed_layers, estimate, seed_settings
+from env.memory import GIB, SHAPES, checkpointed_layers, estimate, seed_settings
 from env.recipe import load_recipe
 
 
@@ -37,10 +37,10 @@ def test_human_output_has_the_breakdown_and_verdict(tmp_path, capsys):
 
 
 def test_json_output_and_exit_1_with_the_fix(tmp_path, capsys):
-    code = plan.main(["--config", str(write_recipe(tmp_path)), "--gpu-mem", "6GiB", "--json"])
+    code = plan.main(["--config", str(write_recipe(tmp_path)), "--gpu-mem", "8GiB", "--json"])
     body = json.loads(capsys.readouterr().out)
     assert code == 1
-    assert body["fits"] is False and body["budget_bytes"] == 6 * GIB
+    assert body["fits"] is False and body["budget_bytes"] == 8 * GIB
     assert body["peak_allocated_bytes"] == sum(body["components_bytes"].values())
     assert "--set" in body["reasons"][0]  # the suggestion is a command-line change
 
@@ -62,6 +62,11 @@ def test_auto_picks_the_least_recomputation_that_fits(tmp_path, model, cap_gib):
     shape = SHAPES[model]
     base = plan.settings_from_recipe(recipe, liger=False)
     result = plan.auto_fit(shape, base, cap_gib * GIB)
+    print(f"{model} under {cap_gib} GiB: fits={result.fits} {result.reasons}")
+    if (model, cap_gib) == ("8b", 12):
+        # 8B with fp32 embeddings + lm_head (3.9 GiB) needs 10.95 GiB at 1 x 2048 with checkpointing: too much
+        assert not result.fits and "--set data.max_seq_len=" in result.reasons[0]
+        return
     assert result.fits, result.reasons
     chosen = result.settings
     assert chosen.effective_batch == base.effective_batch  # accumulation absorbs the micro-batch change
@@ -74,7 +79,6 @@ def test_auto_picks_the_least_recomputation_that_fits(tmp_path, model, cap_gib):
         for batch in (16, 8, 4, 2, 1):
             trial = replace(base, micro_batch=batch, grad_accum=16 // batch, checkpoint_every=every)
             assert batch * trial.seq_len < 1024 or not plan.fits(estimate(shape, trial), cap_gib * GIB)
-    print(f"{model} under {cap_gib} GiB: {result.reasons}")
 
 
 def test_auto_cli_says_what_it_chose(tmp_path, capsys):
@@ -107,14 +111,21 @@ def test_gpu_presets_fit_their_cards(tmp_path, preset, model, card_gib):
     assert plan.fits(est, card_gib * GIB), f"{preset} {model}: needs {est.device_total / GIB:.2f} GiB"
 
 
-def test_seven_b_at_4x2048_on_12_gb(capsys):
-    """The question from the issue: lorabox's path fits a 12 GiB card at bs 4 x 2048; the seed recipe does not."""
+def test_seven_b_at_4x2048_on_12_gb(tmp_path, capsys):
+    """The issue's question. As train/model.py is built today (prepare_model_for_kbit_training upcasts norms,
+    embeddings and lm_head to fp32), 7B at 4 x 2048 does not fit 12 GiB, nor does the seed recipe; keeping them in
+    bf16 would make it fit. The planner's answer, not a measurement."""
     shape = SHAPES["7b"]
-    ours = estimate(shape, RunSettings(micro_batch=4, seq_len=2048))  # lorabox's path, Liger off
+    built = estimate(shape, plan.settings_from_recipe(load_recipe(write_recipe(tmp_path)), liger=False))
+    bf16_stream = estimate(shape, replace(built.settings, upcast_non_quantized=False))
     seed = estimate(shape, seed_settings())
     with capsys.disabled():
-        print(f"\n7B bs 4 x 2048: lorabox needs {ours.device_total / GIB:.2f} GiB, seed {seed.device_total / GIB:.2f}")
-    assert plan.fits(ours, 12 * GIB)
+        print(
+            f"\n7B bs 4 x 2048 needs: lorabox as built {built.device_total / GIB:.2f} GiB, without the fp32 upcast "
+            f"{bf16_stream.device_total / GIB:.2f} GiB, seed recipe {seed.device_total / GIB:.2f} GiB"
+        )
+    assert not plan.fits(built, 12 * GIB)
+    assert plan.fits(bf16_stream, 12 * GIB)
     assert not plan.fits(seed, 12 * GIB)
 
 

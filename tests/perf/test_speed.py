@@ -62,18 +62,30 @@ def test_recipe_settings_win(tmp_path):
 
 
 def test_planner_turns_checkpointing_off_when_the_card_allows(tmp_path):
-    choices = choose(recipe(tmp_path, "performance.liger_kernels=off"), h100(79), cuda_available=True)
+    settings = ("performance.liger_kernels=off", "training.micro_batch_size=2")
+    choices = choose(recipe(tmp_path, *settings), h100(79), cuda_available=True)
     assert choices.sft_kwargs["activation_checkpointing"] is False
     assert any(r.startswith("gradient checkpointing off: memory allows it") for r in choices.reasons)
     assert any(r.startswith("memory plan:") and r.endswith("fits") for r in choices.reasons)
 
 
-def test_planner_keeps_checkpointing_on_a_small_card(tmp_path):
-    choices = choose(recipe(tmp_path, "performance.liger_kernels=off"), h100(12), cuda_available=True)
+def test_planner_checkpoints_some_layers_when_that_is_enough(tmp_path):
+    choices = choose(recipe(tmp_path, "performance.liger_kernels=off"), h100(79), cuda_available=True)
     assert choices.sft_kwargs["activation_checkpointing"] is True
-    every = choices.sft_kwargs["activation_checkpointing_kwargs"]["every_n_layers"]
-    assert every >= 1
+    assert choices.sft_kwargs["activation_checkpointing_kwargs"]["every_n_layers"] > 1
     assert "per_device_train_batch_size" not in choices.sft_kwargs  # micro-batch is the recipe's unless auto_fit
+
+
+def test_planner_keeps_full_checkpointing_on_a_small_card(tmp_path):
+    choices = choose(recipe(tmp_path, "performance.liger_kernels=off"), h100(16), cuda_available=True)
+    assert choices.sft_kwargs["activation_checkpointing_kwargs"]["every_n_layers"] == 1
+
+
+def test_nothing_fits_keeps_checkpointing_and_says_why(tmp_path):
+    choices = choose(recipe(tmp_path, "performance.liger_kernels=off"), h100(8), cuda_available=True)
+    assert choices.sft_kwargs["activation_checkpointing"] is True
+    assert any("nothing fits" in r for r in choices.reasons)
+    assert any(r.startswith("memory plan:") and r.endswith("may NOT fit") for r in choices.reasons)
 
 
 def test_auto_fit_changes_micro_batch_and_keeps_the_effective_batch(tmp_path):
