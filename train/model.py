@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from env.recipe import Recipe
+from env.recipe import Recipe, load_recipe
 from train import tiny_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,3 +99,25 @@ def add_lora(model, recipe: Recipe, gradient_checkpointing: bool):
 def resolve_name(recipe: Recipe) -> str:
     """The local directory or hub id to load (a bundled model is built on first use)."""
     return tiny_model.resolve(recipe.model.name_or_path)
+
+
+def load_trained(run_dir: Path, dequantize: bool = False):
+    """(recipe, tokenizer, base + the run's adapter) from a finished run directory; dequantize for merging."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file() or not (run_dir / "config.yaml").is_file():
+        found = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else "nothing (no such directory)"
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished lorabox run: expected config.yaml and adapter/adapter_config.json, "
+            f"found {found}; finish or resume it with `lorabox train --config {run_dir / 'config.yaml'} "
+            f"--run-dir {run_dir}`"
+        )
+    recipe = load_recipe(run_dir / "config.yaml")
+    dtype, _ = choose_dtype(recipe)
+    model = load_base_model(recipe, resolve_name(recipe), dtype, {})
+    if dequantize and recipe.model.load_in_4bit:
+        # Merge into the weights the adapter was trained against: the 4-bit base expanded back to 16/32 bits.
+        model = model.dequantize()
+    return recipe, AutoTokenizer.from_pretrained(adapter), PeftModel.from_pretrained(model, adapter)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -146,14 +147,26 @@ def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wa
     say(f"adapter {adapter_dir}  plot {run_dir / 'loss.png'}  summary {run_dir / 'summary.json'}")
 
 
+def user_error(error: Exception) -> int:
+    """Print a bad-input message (no traceback) and exit 2; under `lorabox train` the 2 travels via the status file."""
+    from train.resilience.launcher import STATUS_ENV
+
+    print(f"lorabox train: {error}", file=sys.stderr, flush=True)
+    status = os.environ.get(STATUS_ENV)
+    if not status:
+        return 2
+    if is_main_process():
+        Path(status).write_text(json.dumps({"exit_code": 2, "interrupted": False}) + "\n", encoding="utf-8")
+    return 0  # a non-zero rank exit would make accelerate print its own traceback over our message
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.set)
         train_data, eval_data = validate_data(recipe)
     except (RecipeError, DataError) as error:
-        print(f"lorabox train: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     run_dir = (args.run_dir or recipe.output_dir).resolve()
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +181,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
     try:
         ready = setup(recipe, train_data, eval_data)
     except (DataError, ValueError, OSError) as error:  # unloadable model, bad dtype for this GPU, empty data
-        print(f"lorabox train: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     recipe = ready.recipe
 
     from train.trainer import LoraboxTrainer, MetricsFile, sft_config
