@@ -1,4 +1,4 @@
-"""Real `python -m train` / `accelerate launch -m train` runs on the bundled tiny model: kill -9, SIGTERM, crash
+"""Real `python -m train` / `lorabox train` (accelerate launch) runs on the bundled tiny model: kill -9, SIGTERM, crash
 mid-save, a broken checkpoint, NaN and OOM, each checked against an uninterrupted run's per-step losses."""
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ lora:
 performance:
   gradient_checkpointing: "off"
 """
-LAUNCH = "import sys; from train.resilience.launcher import launch; sys.exit(launch(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,10 @@ def train_cmd(recipe: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train", "--config", str(recipe), "--run-dir", str(run_dir), *extra]
 
 
-def accelerate_cmd(recipe: Path, run_dir: Path, processes: int) -> list[str]:
-    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes)]
-    fixed = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*accelerate, *fixed, "-m", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+def lorabox_train(recipe: Path, run_dir: Path, processes: int) -> list[str]:
+    """The user's command: `lorabox train` picks the accelerate config and runs it through the resilient launcher."""
+    cli = [sys.executable, "-m", "train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+    return [*cli, "--num-processes", str(processes)]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -122,11 +120,17 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(recipe, referenc
     assert f"resume: from {resume_point}" in done.output
     assert checkpoints.checkpoint_step(checkpoints.newest_complete(run_dir)[0]) == MAX_STEPS
     assert_same_losses(losses(run_dir, before), reference, step + 1)
+    # Running the finished run again trains nothing (upstream would take one step past max_steps).
+    before = line_count(run_dir / "metrics.jsonl")
+    again = run(train_cmd(recipe, run_dir))
+    assert again.returncode == 0, again.output
+    assert f"checkpoint-{MAX_STEPS} already reached the last step" in again.output
+    assert losses(run_dir, before) == {} and not (run_dir / f"checkpoint-{MAX_STEPS + 1}").exists()
 
 
-def test_sigterm_through_the_launcher_saves_exits_143_and_resume_finishes(recipe, reference, tmp_path):
+def test_sigterm_to_lorabox_train_saves_exits_143_and_resume_finishes(recipe, reference, tmp_path):
     run_dir = tmp_path / "run"
-    launcher = start([sys.executable, "-c", LAUNCH, *accelerate_cmd(recipe, run_dir, 1)], tmp_path / "first.log")
+    launcher = start(lorabox_train(recipe, run_dir, 1), tmp_path / "first.log")
     wait_for_checkpoint(launcher, run_dir, 2)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=300) == 143
@@ -148,7 +152,7 @@ def test_sigterm_through_the_launcher_saves_exits_143_and_resume_finishes(recipe
 @pytest.mark.slow
 def test_sigterm_to_two_process_ddp_stops_every_rank_with_143(recipe, tmp_path):
     run_dir = tmp_path / "run"
-    launcher = start([sys.executable, "-c", LAUNCH, *accelerate_cmd(recipe, run_dir, 2)], tmp_path / "first.log")
+    launcher = start(lorabox_train(recipe, run_dir, 2), tmp_path / "first.log")
     wait_for_checkpoint(launcher, run_dir, 2)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=300) == 143
@@ -158,7 +162,7 @@ def test_sigterm_to_two_process_ddp_stops_every_rank_with_143(recipe, tmp_path):
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in stopped.iterdir()}
     assert log.count("SIGTERM received; finishing this step") == 2, log  # both ranks heard it
     assert not (run_dir / "adapter").exists()
-    done = run([sys.executable, "-c", LAUNCH, *accelerate_cmd(recipe, run_dir, 2)])
+    done = run(lorabox_train(recipe, run_dir, 2))
     assert done.returncode == 0, done.output
     assert f"resume: from {stopped}" in done.output
     final, _ = checkpoints.newest_complete(run_dir)
@@ -222,11 +226,11 @@ def test_oom_backs_off_to_micro_batch_1_keeping_the_effective_batch(recipe, tmp_
 
 
 def test_oom_at_micro_batch_1_stops_with_the_next_settings_to_try(recipe, tmp_path):
-    cmd = train_cmd(recipe, tmp_path / "run", "--set", "training.micro_batch_size=1")
+    cmd = train_cmd(recipe, tmp_path / "run", "--set", "training.micro_batch_size=1", "--set", "data.max_seq_len=512")
     done = run(cmd, env={"LORABOX_FAULT": "oom-above-batch:0"})
     assert done.returncode == 3, done.output
     assert "error: out of memory training bundled:tiny-llama at micro-batch 1 x gradient accumulation 2" in done.output
     assert "micro-batch is already 1" in done.output and "Memory seen:" in done.output
-    for tip in ("data.max_seq_len=64", "lora.r=4", "preset=[gpu-12gb]"):
+    for tip in ("data.max_seq_len=256", "lora.r=4", "preset=[gpu-12gb]"):
         assert tip in done.output
     assert "Traceback" not in done.output

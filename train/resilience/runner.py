@@ -87,6 +87,22 @@ def choose_resume(run_dir: Path, resume: str | Path | None) -> tuple[Path | None
     return chosen, None
 
 
+def _finished(checkpoint: Path, recipe: Any) -> bool:
+    """Whether `checkpoint` already holds the last step. Trainer.train() would run one step past max_steps from
+    such a checkpoint (transformers 5.23 checks the limit only after a step), e.g. after a SIGTERM on the last step."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    target = recipe.training.max_steps if recipe.training.max_steps > 0 else state.get("max_steps", 0)
+    return 0 < target <= state.get("global_step", 0)
+
+
+def _load_finished(trainer: Any, checkpoint: Path) -> None:
+    from transformers.trainer_callback import TrainerState
+
+    _say(f"resume: {checkpoint.name} already reached the last step; loading it without training further")
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
 def _smaller_micro_batch(micro: int, accum: int) -> tuple[int, int]:
     """Halve the micro-batch (or the nearest divisor below) and raise accumulation to keep the effective batch."""
     effective = micro * accum
@@ -180,6 +196,9 @@ def fit(
             if STOP.signum:
                 _say(f"lorabox: {_name(STOP.signum)} arrived before training started; nothing new to save")
                 return _finish(trainer, True, exit_code(STOP.signum))
+            if checkpoint is not None and _finished(checkpoint, recipe):
+                _load_finished(trainer, checkpoint)
+                break
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except torch.OutOfMemoryError as exc:
             seen = _memory_seen(exc)
