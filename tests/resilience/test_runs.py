@@ -3,6 +3,7 @@ mid-save, a broken checkpoint, NaN and OOM, each checked against an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from train.resilience import checkpoints
+from train.resilience.launcher import child_pids
 
 MAX_STEPS = 6
 RECIPE = f"""
@@ -62,8 +64,27 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Complet
     return done
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_leftovers():
+    """A failed assertion must not leave a training run behind: kill what this test started, by pid."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            for session in child_pids(process.pid):  # the launcher's accelerate runs in its own session
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(session, signal.SIGKILL)
+            process.kill()
+            process.wait()
+
+
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    STARTED.append(process)
+    return process
 
 
 def wait_for_checkpoint(process: subprocess.Popen, run_dir: Path, step: int) -> None:
