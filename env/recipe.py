@@ -240,9 +240,19 @@ def _fields_of(loc: tuple[Any, ...]) -> dict[str, Any]:
     return model.model_fields
 
 
+# Names people bring from transformers/PEFT/TRL configs, which spelling distance alone would not connect.
+ALIASES = dict(
+    rank="r", lora_r="r", lora_alpha="alpha", lora_dropout="dropout", lr="learning_rate", optim="optimizer",
+    batch_size="micro_batch_size", per_device_train_batch_size="micro_batch_size", num_train_epochs="epochs",
+    gradient_accumulation_steps="gradient_accumulation", max_length="max_seq_len", max_seq_length="max_seq_len",
+    model_name="name_or_path", model_name_or_path="name_or_path",
+)  # fmt: skip
+
+
 def _did_you_mean(loc: tuple[Any, ...]) -> str:
     key, parent = str(loc[-1]), loc[:-1]
-    guess = difflib.get_close_matches(key, list(_fields_of(parent)), n=1, cutoff=0.6)
+    fields = list(_fields_of(parent))
+    guess = [ALIASES[key]] if ALIASES.get(key) in fields else difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
     if guess:
         return f"; did you mean '{'.'.join(map(str, (*parent, guess[0])))}'?"
     for section, field in Recipe.model_fields.items():  # right key, wrong section
@@ -270,6 +280,8 @@ def _describe(errors: list[dict[str, Any]]) -> list[str]:
             shown = "" if isinstance(got, dict) or error["type"] == "value_error" else f" (got {got!r})"
             text = error["msg"].removeprefix("Value error, ").removeprefix("Input should be ") + shown
             text = text if error["type"] == "value_error" else f"expected {text}"
+            if error["type"] in ("model_type", "model_attributes_type"):  # pydantic's words for "not a mapping"
+                text = f"expected a section of key: value lines{shown}"
         lines.setdefault(where, []).append(text)
     return [f"{where}: {' | '.join(texts)}" for where, texts in lines.items()]
 
