@@ -45,4 +45,4 @@ if [ "$status" -eq 1 ] || [ "$status" -eq 3 ]; then
 fi
 
 echo "lorabox cloud: training $recipe into $run_dir (resumes from its newest complete checkpoint)" >&2
-exec lorabox train --config "$recipe" --set "output_dir=$run_dir" "$@"
+exec lorabox train --config "$recipe" --run-dir "$run_dir" "$@"
