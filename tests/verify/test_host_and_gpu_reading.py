@@ -118,7 +118,8 @@ def test_unwritable_hf_cache_fails_and_offline_mode_is_reported(tmp_path):
     assert (storage.status, report.exit_code) == ("fail", 1) and "HF_HOME" in storage.fix
 
     storage = by_id(host_report(tmp_path, paths, environ={"HF_HUB_OFFLINE": "1"}), "host.storage")
-    assert storage.status == "pass" and storage.values["offline"] is True and "offline" in storage.message
+    # pass, or warn where the shared disk is nearly full: either way offline mode is reported
+    assert storage.status != "fail" and storage.values["offline"] is True and "offline" in storage.message
     assert host.hf_cache_dir({"HF_HUB_CACHE": "/x/hub", "HF_HOME": "/y"}) == Path("/x/hub")
 
 
