@@ -69,7 +69,8 @@ def check_storage(ctx: Context) -> CheckResult:
         fix = "export HF_HOME=/a/writable/dir (in Docker mount a volume there: -v hf-cache:/root/.cache/huggingface)"
         return CheckResult("host.storage", title, "fail", message, fix, values)
     if free < MIN_CACHE_FREE:
-        message = f"{free / GIB:.1f} GiB free for {cache} (< {MIN_CACHE_FREE / GIB:.0f} GiB, a 7B checkpoint is ~14 GB); {mode}"
+        message = f"{free / GIB:.1f} GiB free for {cache} (< {MIN_CACHE_FREE / GIB:.0f} GiB: a 7B checkpoint is ~14 GB)"
+        message += f"; {mode}"
         fix = "free disk space, or export HF_HOME=/a/bigger/disk"
         return CheckResult("host.storage", title, "warn", message, fix, values)
     return CheckResult(
