@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from train.resilience.launcher import child_pids
 
 # Stands in for `accelerate launch` with one process: like accelerate 1.15's simple_launcher it waits for its
@@ -25,7 +27,8 @@ FAKE_RANK = """
 import json, os, signal, sys, time
 from pathlib import Path
 seen = []
-signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: seen.append(signum))
 Path(sys.argv[1], "ready").write_text("")
 while not seen:
     time.sleep(0.02)
@@ -35,7 +38,8 @@ sys.exit(0)
 LAUNCH = "import sys; from train.resilience.launcher import launch; sys.exit(launch(sys.argv[1:]))"
 
 
-def test_sigterm_reaches_the_rank_not_accelerate_and_143_comes_back(tmp_path, repo):
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_reaches_the_rank_not_accelerate_and_its_code_comes_back(tmp_path, repo, stop, code):
     (tmp_path / "accelerate.py").write_text(FAKE_ACCELERATE)
     (tmp_path / "rank.py").write_text(FAKE_RANK)
     cmd = [sys.executable, "-c", LAUNCH, sys.executable, str(tmp_path / "accelerate.py"), str(tmp_path / "rank.py")]
@@ -44,11 +48,11 @@ def test_sigterm_reaches_the_rank_not_accelerate_and_143_comes_back(tmp_path, re
     while not (tmp_path / "ready").exists():
         assert time.monotonic() < deadline and launcher.poll() is None
         time.sleep(0.02)
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=30) == 143
+    launcher.send_signal(stop)
+    assert launcher.wait(timeout=30) == code
     # accelerate's stand-in was left alone and saw its rank exit 0 (the code travelled by the status file).
     assert (tmp_path / "accelerate-exit").read_text() == "0"
-    assert "SIGTERM forwarded to training process(es)" in launcher.stderr.read()
+    assert f"{stop.name} forwarded to training process(es)" in launcher.stderr.read()
 
 
 def test_without_a_report_the_child_exit_code_is_returned(repo):

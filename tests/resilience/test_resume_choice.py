@@ -41,3 +41,15 @@ def test_no_resume_ignores_existing_checkpoints_and_says_so(tmp_path, capsys):
     make(tmp_path, 2)
     assert choose_resume(tmp_path, "never") == (None, None)
     assert "resume: off (--no-resume); 1 checkpoint(s)" in capsys.readouterr().err
+
+
+def test_rank_exit_codes_under_the_launcher(monkeypatch):
+    from train.resilience.runner import FitOutcome
+
+    assert FitOutcome(None, True, 143).process_exit_code == 143  # `python -m train` alone: the real code
+    monkeypatch.setenv("LORABOX_STATUS_FILE", "/nonexistent/status.json")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert FitOutcome(None, True, 143).process_exit_code == 0  # agreed by all ranks: reported via the status file
+    assert FitOutcome(None, False, 3, alone=True).process_exit_code == 3  # one rank's OOM: torchrun must stop all
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert FitOutcome(None, False, 3, alone=True).process_exit_code == 0

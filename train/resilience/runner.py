@@ -31,12 +31,15 @@ class FitOutcome:
     trainer: Any
     interrupted: bool  # stopped by SIGTERM/SIGINT after saving a checkpoint: write no final adapter
     exit_code: int  # what the user should see; write final outputs only when it is 0
+    alone: bool = False  # reached by this rank only (OOM), not agreed by all ranks like signals and NaN
 
     @property
     def process_exit_code(self) -> int:
         """What this rank process should exit with: under `lorabox train` the code travels through the status
-        file and the rank exits 0, so accelerate/torchrun do not bury the message under their own tracebacks."""
-        return 0 if os.environ.get(STATUS_ENV) else self.exit_code
+        file and the rank exits 0, so accelerate/torchrun do not bury the message under their own tracebacks.
+        A failure only this rank saw, with other ranks running, must exit non-zero so torchrun stops them."""
+        many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return 0 if os.environ.get(STATUS_ENV) and not (self.alone and many) else self.exit_code
 
 
 def _name(signum: int) -> str:
@@ -52,11 +55,11 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _finish(trainer: Any, interrupted: bool, code: int) -> FitOutcome:
+def _finish(trainer: Any, interrupted: bool, code: int, alone: bool = False) -> FitOutcome:
     status = os.environ.get(STATUS_ENV)
-    if status and _main_process():
+    if status and (_main_process() or alone):
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": interrupted}) + "\n")
-    return FitOutcome(trainer, interrupted, code)
+    return FitOutcome(trainer, interrupted, code, alone)
 
 
 def choose_resume(run_dir: Path, resume: str | Path | None) -> tuple[Path | None, str | None]:
@@ -246,7 +249,7 @@ def fit(
             file=sys.stderr,
             flush=True,
         )
-        return _finish(trainer, False, EXIT_OOM)
+        return _finish(trainer, False, EXIT_OOM, alone=True)
     if trainer.stopped_by_signal:
         newest, _ = checkpoints.newest_complete(run_dir)
         _say(
