@@ -14,8 +14,6 @@ import pytest
 from tests.conftest import REPO
 from train.resilience import checkpoints
 
-LAUNCH = "import sys; from train.resilience.launcher import launch; sys.exit(launch(sys.argv[1:]))"
-
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
@@ -88,9 +86,8 @@ def test_sigterm_during_a_gpu_run_saves_and_exits_143(tmp_path):
         "training: {micro_batch_size: 4, gradient_accumulation: 1, max_steps: 120, save_steps: 2, logging_steps: 1}\n"
     )
     run_dir = tmp_path / "run"
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    accelerate += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train"]
-    cmd = [sys.executable, "-c", LAUNCH, *accelerate, "--config", str(recipe), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+    cmd += ["--num-processes", "1"]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoint-2" / checkpoints.MARKER).exists():
