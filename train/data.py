@@ -91,7 +91,9 @@ def read_jsonl(path: Path, shape: str = "auto") -> DataSet:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            problems.append(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
+            problems.append(
+                f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); expected one object per line"
+            )
             continue
         if not isinstance(row, dict):
             problems.append(f"{path}:{number}: a JSON {type(row).__name__}, expected an object like {SHAPES['text']}")
@@ -120,10 +122,6 @@ def read_jsonl(path: Path, shape: str = "auto") -> DataSet:
             f"expected at least one {shape} row with content"
         )
     return DataSet(path, shape, rows, skipped)
-
-
-def has_generation_markers(tokenizer) -> bool:
-    return "generation" in (tokenizer.chat_template or "")
 
 
 def to_trl_rows(data: DataSet, tokenizer, completion_only: bool) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
@@ -158,7 +156,9 @@ def to_trl_rows(data: DataSet, tokenizer, completion_only: bool) -> tuple[list[d
         )
     if not completion_only:
         return [{"messages": r["messages"]} for r in data.rows], {}, "chat data; loss on every turn"
-    if has_generation_markers(tokenizer):
+    from trl.chat_template_utils import has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
         rows = [{"messages": r["messages"]} for r in data.rows]
         return rows, {"assistant_only_loss": True}, "chat data; loss on every assistant turn (template marks them)"
     # Without {% generation %} markers the template cannot say which tokens are the assistant's, so split each

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from env.recipe import RecipeError
+from train.outputs import unfinished_run_problem
 
 EXAMPLES = """\
 examples:
@@ -43,6 +44,10 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
 
 def main(argv: list[str] | None = None, prog: str = "lorabox train generate") -> int:
     args = build_parser(prog).parse_args(argv)
+    problem = unfinished_run_problem(args.run_dir)  # before importing torch: a wrong path fails in a blink
+    if problem:
+        print(f"{prog}: {problem}", file=sys.stderr)
+        return 2
     from train.model import load_trained
 
     try:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from env.recipe import RecipeError
+from train.outputs import unfinished_run_problem
 
 EXAMPLES = """\
 examples:
@@ -27,6 +28,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "lorabox train merge") -> int:
     args = build_parser(prog).parse_args(argv)
+    problem = unfinished_run_problem(args.run_dir)  # before importing torch: a wrong path fails in a blink
+    if problem:
+        print(f"{prog}: {problem}", file=sys.stderr)
+        return 2
     out = args.out or args.run_dir / "merged"
     from train.model import load_trained
 

@@ -10,6 +10,7 @@ import torch
 
 from env.recipe import Recipe, load_recipe
 from train import tiny_model
+from train.outputs import unfinished_run_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -106,14 +107,10 @@ def load_trained(run_dir: Path, dequantize: bool = False):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    problem = unfinished_run_problem(run_dir)
+    if problem:
+        raise FileNotFoundError(problem)
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file() or not (run_dir / "config.yaml").is_file():
-        found = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else "nothing (no such directory)"
-        raise FileNotFoundError(
-            f"{run_dir} is not a finished lorabox run: expected config.yaml and adapter/adapter_config.json, "
-            f"found {found}; finish or resume it with `lorabox train --config {run_dir / 'config.yaml'} "
-            f"--run-dir {run_dir}`"
-        )
     recipe = load_recipe(run_dir / "config.yaml")
     dtype, _ = choose_dtype(recipe)
     model = load_base_model(recipe, resolve_name(recipe), dtype, {})

@@ -22,6 +22,18 @@ SUMMARY_KEYS = (
 )
 
 
+def unfinished_run_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot be merged or sampled from (None if it holds a finished run); cheap, imports nothing."""
+    if (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "config.yaml").is_file():
+        return None
+    found = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else "nothing (no such directory)"
+    return (
+        f"{run_dir} is not a finished lorabox run: expected config.yaml and adapter/adapter_config.json, "
+        f"found {found}; finish or resume it with `lorabox train --config {run_dir / 'config.yaml'} "
+        f"--run-dir {run_dir}`"
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

@@ -113,12 +113,13 @@ def setup(recipe: Recipe, train_data: DataSet, eval_data: DataSet | None) -> Set
 
 
 def adapter_fingerprint(model) -> str:
-    """sha256 over the trainable (LoRA) tensors, so ranks and saved files can be compared."""
+    """sha256 over the adapter tensors as they are saved (same keys as adapter_model.safetensors), in key order."""
+    from peft import get_peft_model_state_dict
+
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+    for key, tensor in sorted(get_peft_model_state_dict(model).items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
