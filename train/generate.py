@@ -11,7 +11,7 @@ from train.outputs import unfinished_run_problem
 
 EXAMPLES = """\
 examples:
-  lorabox train generate runs/demo-cpu --prompt "What is the capital of Peru?"
+  lorabox train generate runs/demo/20260101-120000 --prompt "What is the capital of Peru?"
   lorabox train generate runs/my --prompt "Write a haiku about GPUs" --max-new-tokens 80 --temperature 0.7
 The prompt goes through the tokenizer's chat template as a user turn when it has one, as in training.
 """

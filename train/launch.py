@@ -16,7 +16,7 @@ SUBCOMMANDS = {"merge": "train.merge", "generate": "train.generate"}
 
 EXAMPLES = """\
 examples:
-  lorabox train --config train/recipes/demo-cpu.yaml                 # any machine, bundled tiny model
+  lorabox train --config train/recipes/demo.yaml                 # any machine, bundled tiny model
   lorabox train --config train/recipes/llama3-8b-24gb.yaml --set training.max_steps=500
   lorabox train --config my.yaml --accelerate-config env/accelerate/fsdp-qlora.yaml --num-processes 2
   lorabox train --config my.yaml --run-dir runs/my --no-resume       # start over instead of resuming

@@ -11,7 +11,7 @@ from train.outputs import unfinished_run_problem
 
 EXAMPLES = """\
 examples:
-  lorabox train merge runs/demo-cpu                   # writes runs/demo-cpu/merged
+  lorabox train merge runs/demo/20260101-120000                   # writes runs/demo/20260101-120000/merged
   lorabox train merge runs/my --out /models/my-merged
 The merged model loads with plain transformers (AutoModelForCausalLM.from_pretrained), no PEFT needed.
 """

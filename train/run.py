@@ -20,10 +20,11 @@ from train.data import DataError, DataSet, read_jsonl
 
 EXAMPLES = """\
 examples (usually started for you by `lorabox train`, which picks the accelerate config):
-  accelerate launch --config_file env/accelerate/cpu.yaml -m train --config train/recipes/demo-cpu.yaml
+  accelerate launch --config_file env/accelerate/cpu.yaml -m train --config train/recipes/demo.yaml
   python -m train --config my.yaml --set training.max_steps=20 --run-dir runs/try
   python -m train --config my.yaml --resume runs/my/checkpoint-200
-exit codes: 0 done, 2 bad recipe or data, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
+exit codes: 0 done, 2 bad recipe or data, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+            130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
 """
 
 
