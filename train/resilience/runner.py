@@ -16,8 +16,7 @@ import torch
 
 from train.resilience import checkpoints, faults
 from train.resilience.launcher import STATUS_ENV
-from train.resilience.signals import STOP, exit_code
-from train.resilience.trainer_mixin import NonFiniteLoss
+from train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
 
 # Stable exit codes (signals follow the shell's 128 + N: 143 SIGTERM, 130 SIGINT).
 EXIT_OK = 0
