@@ -308,7 +308,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     if isinstance(section, dict):
         for key in ("train_file", "eval_file"):
             if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
-                section[key] = str(base / section[key])
+                section[key] = str((base / section[key]).resolve())
     model = data.get("model")
     name = model.get("name_or_path") if isinstance(model, dict) else None
     if isinstance(name, str) and name.startswith(("./", "../")):
