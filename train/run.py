@@ -153,7 +153,8 @@ def user_error(error: Exception) -> int:
     """Print a bad-input message (no traceback) and exit 2; under `lorabox train` the 2 travels via the status file."""
     from train.resilience.launcher import STATUS_ENV
 
-    print(f"lorabox train: {error}", file=sys.stderr, flush=True)
+    if is_main_process():  # every rank reads the same files and finds the same problem: say it once
+        print(f"lorabox train: {error}", file=sys.stderr, flush=True)
     status = os.environ.get(STATUS_ENV)
     if not status:
         return 2

@@ -42,10 +42,12 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # TRL casts QLoRA adapters to bf16, which fp16-only GPUs (T4, RTX 20xx) cannot run and which makes CPU runs
-        # slow; PEFT's own default keeps adapters in fp32 under bf16/fp16 autocast, so restore that.
-        for param in self.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        # slow; PEFT's own default keeps adapters in fp32 under bf16/fp16 autocast, so restore that. Not under FSDP:
+        # it flattens each wrapped block into one tensor, so adapters must share the 4-bit storage dtype.
+        if not self.is_fsdp_enabled:
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         self._last_log = (time.perf_counter(), 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
