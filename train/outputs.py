@@ -42,7 +42,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def summarize(metrics: list[dict[str, Any]], steps: int, tokens: int, wall_s: float, peak: int) -> dict[str, Any]:
-    """tokens_per_s counts the training loop only (Trainer's train_runtime); wall_time_s includes setup and saving."""
+    """tokens_per_s is over Trainer's train_runtime (the loop, evals and checkpoints); wall_time_s is the whole run."""
     train = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), wall_s)

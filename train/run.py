@@ -165,6 +165,7 @@ def user_error(error: Exception) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
     args = build_parser(prog).parse_args(argv)
+    started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
     try:
         recipe = load_recipe(args.config, args.set)
         train_data, eval_data = validate_data(recipe)
@@ -202,7 +203,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
 
     from train.resilience import fit
 
-    started = time.perf_counter()
     # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, backs off on OOM, guards NaN.
     outcome = fit(make_trainer, recipe, run_dir, args.resume or ("never" if args.no_resume else "auto"))
     if outcome.exit_code != 0:  # stopped or failed: the checkpoints are the output, not a "final" adapter
