@@ -178,6 +178,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         client = engine_client()
         client.ping()
+    except ImportError:
+        print(
+            "lorabox env build: the docker Python package is missing here; the cpu environment carries it: "
+            "`pixi run -e cpu lorabox env build …`.",
+            file=sys.stderr,
+        )
+        return 3
     except Exception as error:  # docker.errors.DockerException wraps every connection failure
         print(
             f"lorabox env build: no Docker Engine API answers ({error}).\n  Start Docker, or serve podman's: "
