@@ -73,12 +73,16 @@ def env_image(engine, tmp_path_factory) -> str:
     if podman("image", "exists", tag, check=False).returncode == 0:
         return tag
     wheels = WHEELS if WHEELS.is_dir() else tmp_path_factory.mktemp("no-wheels")
+    # Without a local CPU torch wheel, pip must see the CPU wheel index that CI sets (a bare torch pin is CUDA's).
+    extra_index = os.environ.get("PIP_EXTRA_INDEX_URL")
+    index = ["--env", f"PIP_EXTRA_INDEX_URL={extra_index}"] if extra_index else []
     started = time.monotonic()
     podman(
         "build",
         "--format",
         "docker",
         "--layers=false",
+        *index,
         "-f",
         "tests/container/pins-env.Containerfile",
         "-v",
@@ -198,7 +202,7 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
     podman("image", "prune", "-f", check=False)
 
 
-RUNTIME_ENTRYPOINT = '["tini", "--", "/app/docker/entrypoint.sh"]'  # the linux target's (the runtime stage's)
+RUNTIME_ENTRYPOINT = '["/usr/bin/tini", "--", "/app/docker/entrypoint.sh"]'  # the linux target's (the runtime stage's)
 
 
 def run_in(image: str, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:
