@@ -24,7 +24,7 @@ CPU_FLAVOURS = ("linux", "cloud")
 
 # Runtime base per CUDA version. `base` images suffice: torch's wheels bring their own CUDA libraries, the
 # container runtime injects libcuda. Digests where known (as published for these tags); NVIDIA deletes end-of-life
-# tags (11.8 first), so that one stays a tag and docker/README-section.md documents the fallback: plain Ubuntu,
+# tags (11.8 first), so that one stays a tag and README.md ("Docker") documents the fallback: plain Ubuntu,
 # which the Dockerfile makes GPU-ready by setting NVIDIA_VISIBLE_DEVICES / NVIDIA_DRIVER_CAPABILITIES itself.
 BASE_IMAGES: dict[str | None, str] = {
     None: "ubuntu:24.04",
