@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from verify.checks.base import CheckResult, Context
 
 # Order matters: the GPU check reports NVML's reading before anything initialises CUDA.
+# Imports run late: their prepare() starts them in a child interpreter that works while the checks before run.
 CHECKS = [
     "verify.checks.gpu",
-    "verify.checks.imports",
     "verify.checks.bnb",
     "verify.checks.alloc",
     "verify.checks.host",
-    "verify.checks.config_fit",  # the performance engineer's module; skipped with a reason while absent
+    "verify.checks.imports",
+    "verify.checks.config_fit",
 ]
 
 EXIT_MEANINGS = {
@@ -76,22 +77,10 @@ def selected(only: list[str] | None) -> list[str]:
     return [name for name in CHECKS if name.rsplit(".", 1)[1] in only or name in only]
 
 
-def load(name: str):
-    """The check module, or None when it is not installed (only tolerated for modules that are absent)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name == name:
-            return None
-        raise
-
-
 def run_one(ctx: Context, name: str, report: Report) -> list[CheckResult]:
     short = name.rsplit(".", 1)[1]
     try:
-        module = load(name)
-        if module is None:
-            return [CheckResult(short, short, "skip", f"{name} is not part of this installation")]
+        module = importlib.import_module(name)
         outcome = module.run(ctx)
         return outcome if isinstance(outcome, list) else [outcome]
     except Exception as error:  # a bug in a check must not hide the other checks' results
@@ -133,6 +122,13 @@ def run_checks(
     started = time.perf_counter()
     report = Report()
     names = selected(only)
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+            if hasattr(module, "prepare"):
+                module.prepare(ctx)
+        except Exception:  # run_one loads it again and reports the failure as that check's result
+            continue
     for index, name in enumerate(names, 1):
         for result in run_one(ctx, name, report):
             report.results.append(result)

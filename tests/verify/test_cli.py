@@ -54,10 +54,10 @@ def test_human_run_passes_here_with_gpu_checks_skipped():
     assert proc.returncode == (2 if warnings else 0), proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("[1/6] ⊘ NVIDIA driver and devices — no NVIDIA GPU")
-    assert any(line.startswith("[3/6] ✓ bitsandbytes native kernels") for line in lines)
+    assert any(line.startswith("[2/6] ✓ bitsandbytes native kernels") for line in lines)
     assert not any("✗" in line for line in lines), proc.stdout
     warned = [line for line in lines if "⚠" in line]
-    assert len(warned) == len(warnings) and all(line.startswith("[5/6] ⚠ Model cache") for line in warned), proc.stdout
+    assert len(warned) == len(warnings) and all(line.startswith("[4/6] ⚠ Model cache") for line in warned), proc.stdout
     if not warnings:
         assert lines[-1].endswith("exit 0: all checks passed (skipped checks say why)")
     seconds = float(lines[-1].split(" in ")[1].split(" s")[0])
@@ -113,7 +113,7 @@ def test_help_shows_worked_examples_and_exit_codes(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "lorabox verify --json" in out and "3 the verifier itself could not run" in out
-    assert "gpu, imports, bnb, alloc, host, config_fit" in out
+    assert "gpu, bnb, alloc, host, imports, config_fit" in out
 
 
 def test_a_crashing_check_is_exit_3_and_the_others_still_run():

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from env.gpu import GpuReading, read_gpus
 from env.host import HostPaths
@@ -83,6 +83,7 @@ class Context:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     alloc_bytes: int = GIB  # per device; a test asks for more than the memory to see the failure
     alloc_devices: list[str] | None = None  # None: every visible CUDA device
+    pending: dict[str, Any] = field(default_factory=dict)  # work a check's prepare() started, by check id
 
     def torch_facts(self) -> TorchFacts:
         if self.torch is None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
+import subprocess
+import sys
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -58,6 +61,33 @@ def import_problem(module: str) -> tuple[str, str] | None:
     return None
 
 
+# Imported in a fresh interpreter with this one's exact sys.path (hence -S): the heavy imports overlap the
+# other checks on a second core, and an import that crashes the interpreter is reported instead of killing us.
+PROBE = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from verify.checks.imports import import_problem; "
+    "print(json.dumps({m: import_problem(m) for m in sys.argv[2:]}))"
+)
+
+
+def prepare(ctx: Context) -> None:
+    """Start the import probe now; `run` collects it after the other checks (see verify.registry)."""
+    command = [sys.executable, "-S", "-c", PROBE, json.dumps(sys.path), *(module for module, _, _ in PACKAGES)]
+    ctx.pending[ID] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def probe_results(ctx: Context) -> dict[str, tuple[str, str] | None]:
+    if ID not in ctx.pending:
+        prepare(ctx)
+    out, err = ctx.pending.pop(ID).communicate()
+    try:
+        return {module: tuple(problem) if problem else None for module, problem in json.loads(out).items()}
+    except json.JSONDecodeError:
+        # The interpreter died mid-import (a segfaulting native library): every package is suspect.
+        detail = f"importing crashed a fresh Python interpreter: {(err or out).strip()[-400:] or 'no output'}"
+        return {module: ("broken", detail) for module, _, _ in PACKAGES}
+
+
 def installed_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -67,8 +97,9 @@ def installed_version(distribution: str) -> str | None:
 
 def check_imports(ctx: Context, exp: Expected) -> CheckResult:
     values, failures, warnings = {}, [], []
+    problems = probe_results(ctx)
     for module, distribution, required in PACKAGES:
-        problem = import_problem(module)
+        problem = problems[module]
         values[module] = installed_version(distribution) if problem is None else f"{problem[0]}: {problem[1]}"
         if problem:
             (failures if required else warnings).append(f"{module}: {problem[1]}")
