@@ -135,6 +135,20 @@ class Manifest:
     def environments(self, platform: str = "linux-64") -> list[Environment]:
         return [self.environment(name, platform) for name in self.environment_names]
 
+    def tooling_variant_of(self, name: str) -> str | None:
+        """The lane an environment only adds tools to ('gpu-test' -> 'cu126'): same solve-group, a strict
+        superset of its features. Such an environment is for CI, never picked for users nor built as an image."""
+        envs = {n: self.environment(n) for n in self.environment_names}
+        me = envs[name]
+        for other in envs.values():
+            if (
+                other.name not in (name, "default")
+                and other.solve_group == me.solve_group
+                and set(other.features) < set(me.features)
+            ):
+                return other.name
+        return None
+
     def all_pins(self) -> list[Pin]:
         """Every pin in the file, feature by feature (for drift checks against other files)."""
         pins = list(_pins_of(self.data, "<workspace>", "linux-64").values())

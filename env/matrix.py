@@ -93,7 +93,8 @@ def rows(manifest: Manifest) -> list[MatrixRow]:
     version = manifest.data.get("workspace", {}).get("version", "0.0.0")
     result = []
     for env in manifest.environments():
-        flavours = list(flavours_for(env))
+        # a tooling variant (gpu-test: cu126 plus pytest) exists for CI and builds no image
+        flavours = [] if manifest.tooling_variant_of(env.name) else list(flavours_for(env))
         same_as = alias_of(manifest, env.name)
         result.append(
             MatrixRow(
@@ -121,6 +122,7 @@ def render_table(matrix: list[MatrixRow]) -> str:
     for row in matrix:
         name = f"{row.environment} (= {row.alias_of})" if row.alias_of else row.environment
         images = ", ".join(row.images) if not row.alias_of else f"as {row.alias_of}"
+        images = images or "none (CI tooling variant)"
         lines.append(
             (
                 name,

@@ -51,7 +51,7 @@ def current_platform() -> str:
 
 def candidate_order(manifest: Manifest) -> list[Environment]:
     """The default environment's lane first, then the other GPU lanes from the newest CUDA down (no aliases)."""
-    envs = [e for e in manifest.environments() if e.cuda is not None]
+    envs = [e for e in manifest.environments() if e.cuda is not None and not manifest.tooling_variant_of(e.name)]
     default = next((e for e in envs if e.name == "default"), None)
     lanes = [e for e in envs if e.name != "default"]
     lanes.sort(key=lambda e: version_tuple(e.cuda or "0"), reverse=True)

@@ -162,3 +162,9 @@ def test_relisted_pin_detected(tmp_path):
 def test_manifest_is_toml_1_0():
     # tomllib implements TOML 1.0: multi-line inline tables (TOML 1.1) would raise here.
     tomllib.loads((REPO / "pixi.toml").read_text())
+
+
+def test_gpu_test_is_a_tooling_variant_not_a_lane():
+    manifest = load()
+    assert manifest.tooling_variant_of("gpu-test") == "cu126"
+    assert [n for n in manifest.environment_names if manifest.tooling_variant_of(n)] == ["gpu-test"]
