@@ -56,8 +56,10 @@ def _liger(recipe, on_gpu: bool, why_not_gpu: str) -> tuple[bool, str]:
     setting = recipe.performance.liger_kernels
     if setting == "off":
         return False, "Liger kernels off: performance.liger_kernels=off"
-    missing = None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed (CUDA lanes only)"
-    missing = missing or (None if on_gpu else f"{why_not_gpu}: Liger's Triton kernels run on CUDA only")
+    # No usable GPU is named first: installing liger-kernel would not help then.
+    missing = None if on_gpu else f"{why_not_gpu}: Liger's Triton kernels run on CUDA only"
+    if missing is None and not importlib.util.find_spec("liger_kernel"):
+        missing = "liger-kernel is not installed (CUDA lanes only)"
     if missing:
         prefix = "performance.liger_kernels=on requested, but " if setting == "on" else ""
         return False, f"Liger kernels off: {prefix}{missing}"
