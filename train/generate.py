@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from env.recipe import RecipeError
-from train.outputs import unfinished_run_problem
+from train.outputs import load_finished_run
 
 EXAMPLES = """\
 examples:
@@ -44,17 +42,10 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
 
 def main(argv: list[str] | None = None, prog: str = "lorabox train generate") -> int:
     args = build_parser(prog).parse_args(argv)
-    problem = unfinished_run_problem(args.run_dir)  # before importing torch: a wrong path fails in a blink
-    if problem:
-        print(f"{prog}: {problem}", file=sys.stderr)
+    loaded = load_finished_run(args.run_dir, prog)
+    if loaded is None:
         return 2
-    from train.model import load_trained
-
-    try:
-        _, tokenizer, model = load_trained(args.run_dir)
-    except (FileNotFoundError, RecipeError) as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 2
+    _, tokenizer, model = loaded
     model.eval()
     print(complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
     return 0

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from env.recipe import RecipeError
-from train.outputs import unfinished_run_problem
+from train.outputs import load_finished_run
 
 EXAMPLES = """\
 examples:
@@ -28,18 +26,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "lorabox train merge") -> int:
     args = build_parser(prog).parse_args(argv)
-    problem = unfinished_run_problem(args.run_dir)  # before importing torch: a wrong path fails in a blink
-    if problem:
-        print(f"{prog}: {problem}", file=sys.stderr)
-        return 2
     out = args.out or args.run_dir / "merged"
-    from train.model import load_trained
-
-    try:
-        recipe, tokenizer, model = load_trained(args.run_dir, dequantize=True)
-    except (FileNotFoundError, RecipeError) as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+    loaded = load_finished_run(args.run_dir, prog, dequantize=True)
+    if loaded is None:
         return 2
+    recipe, tokenizer, model = loaded
     merged = model.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
