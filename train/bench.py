@@ -117,6 +117,14 @@ def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
             file=sys.stderr,
         )
         return EXIT_NEEDS_GPU
+    # Random weights (about 13 GB for 7B) and trainer outputs live in one scratch directory, removed at the end.
+    with tempfile.TemporaryDirectory(prefix="lorabox-bench-") as scratch:
+        args.scratch = Path(scratch)
+        return measure(args, cuda, device_name)
+
+
+def measure(args, cuda: bool, device_name: str | None) -> int:
+    """Run the grid or the seed-vs-lorabox comparison inside args.scratch; write args.json_out."""
     if args.plan_grid:
         from train.bench_grid import plan_grid
 
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
     if args.quick:
         # a high learning rate makes the loss fall within a few steps, so the loss guard compares real learning
         shape, args.batch, args.seq, args.steps, args.warmup, args.lr = QUICK_SHAPE, 2, 64, 8, 1, 2e-2
-    model_dir = build_model_dir(shape, Path(tempfile.mkdtemp(prefix="lorabox-bench-model-")), "cuda" if cuda else "cpu")
+    model_dir = build_model_dir(shape, args.scratch / "model", "cuda" if cuda else "cpu")
     tokenizer = build_tokenizer(shape.vocab)
     # --quick shrinks the histogram's lengths with the sequence (2048 -> 64) so variable rows still carry padding
     scale = args.seq / 2048 if args.quick else 1.0

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gc
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 from env.memory import GIB, SHAPES, estimate
 from env.plan import settings_from_recipe
@@ -19,7 +17,7 @@ def plan_grid(args, device_name: str | None) -> dict:
     points = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
-        model_dir = build_model_dir(shape, Path(tempfile.mkdtemp(prefix=f"lorabox-grid-{name}-")), "cuda")
+        model_dir = build_model_dir(shape, args.scratch / f"grid-{name}", "cuda")
         tokenizer = build_tokenizer(shape.vocab)
         for batch in (1, 4):
             for seq in (1024, 2048):

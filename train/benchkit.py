@@ -175,7 +175,7 @@ def release(cuda: bool) -> None:
 
 def training_args(args, cuda: bool) -> dict:
     return {
-        "output_dir": tempfile.mkdtemp(prefix="lorabox-bench-"),
+        "output_dir": tempfile.mkdtemp(prefix="trainer-", dir=args.scratch),
         "per_device_train_batch_size": args.batch,
         "gradient_accumulation_steps": 1,
         "max_steps": args.steps,
