@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from verify.checks.base import CheckResult, Context
 
-# Order matters: the GPU check reports NVML's reading before anything initialises CUDA.
-# Imports run late: their prepare() starts them in a child interpreter that works while the checks before run.
+# Order matters: the GPU check reports NVML's reading before anything initialises CUDA. The imports, torch's
+# facts and the bitsandbytes kernels come from one child interpreter (verify.probe) that prepare() starts first.
 CHECKS = [
     "verify.checks.gpu",
     "verify.checks.bnb",
@@ -94,10 +94,7 @@ def run_one(ctx: Context, name: str, report: Report) -> list[CheckResult]:
 def environment_summary(ctx: Context) -> dict:
     from env import host
 
-    try:
-        torch = ctx.torch_facts()
-    except Exception:  # a broken torch is reported by the imports check; the summary just leaves it out
-        torch = None
+    torch = ctx.known_torch_facts()  # a broken torch is reported by the imports check; the summary leaves it out
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -6,10 +6,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from env.gpu import GpuReading, read_gpus
 from env.host import HostPaths
+from verify.probe import Probe
 
 # Checks return the first four; "error" is set only by the registry when a check itself crashes.
 Status = Literal["pass", "fail", "warn", "skip", "error"]
@@ -40,7 +41,8 @@ class CheckResult:
 
 @dataclass
 class TorchFacts:
-    """What torch says about its build and the devices it can use (read after NVML, initialises CUDA)."""
+    """What torch says about its build and the devices it can use: read in the probe child (verify.probe), after the
+    verifier read NVML, so the CUDA initialisation it needs happens outside the verifier's process."""
 
     version: str
     cuda: str | None  # torch.version.cuda; None for a CPU-only build
@@ -83,12 +85,35 @@ class Context:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     alloc_bytes: int = GIB  # per device; a test asks for more than the memory to see the failure
     alloc_devices: list[str] | None = None  # None: every visible CUDA device
-    pending: dict[str, Any] = field(default_factory=dict)  # work a check's prepare() started, by check id
+    probe: Probe | None = None  # the child that imports the stack; started by the first check that needs it
+
+    def start_probe(self) -> Probe:
+        """Start the import probe (once): called from checks' prepare(), after NVML was read."""
+        if self.probe is None:
+            self.probe = Probe.start()
+        return self.probe
 
     def torch_facts(self) -> TorchFacts:
+        """torch's build and devices as the probe child saw them; raises when torch does not import there."""
         if self.torch is None:
-            self.torch = TorchFacts.read()
+            probe = self.start_probe()
+            data = probe.section("torch")
+            if data is None or "error" in data:
+                problem = (probe.section("imports") or {}).get("torch")
+                why = problem[1] if problem else data["error"] if data else probe.crash_detail("importing torch")
+                raise RuntimeError(why)
+            data["capabilities"] = [tuple(c) for c in data["capabilities"]]
+            self.torch = TorchFacts(**data)
         return self.torch
+
+    def known_torch_facts(self) -> TorchFacts | None:
+        """The facts when they are already known or on their way; never starts the probe just for them."""
+        if self.torch is None and self.probe is None:
+            return None
+        try:
+            return self.torch_facts()
+        except RuntimeError:
+            return None
 
     @property
     def has_nvidia_gpu(self) -> bool:

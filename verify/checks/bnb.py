@@ -1,7 +1,8 @@
 """bitsandbytes: native library really loaded and matching torch's CUDA; NF4, 4-bit matmul and paged 8-bit AdamW work.
 
 Importing bitsandbytes succeeds even when its native library failed to load (it falls back to a stand-in that
-raises on first use, or on CPU to slow pure-torch paths), so only calling the kernels proves anything."""
+raises on first use, or on CPU to slow pure-torch paths), so only calling the kernels proves anything. They run in
+the probe child (verify.probe), where a kernel that crashes the interpreter cannot take the verifier with it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import warnings
 
 from verify.checks.base import CheckResult, Context
+from verify.checks.imports import installed_version
 from verify.expected import environment_name, reinstall_fix
 
 ID = "bitsandbytes"
@@ -81,22 +83,29 @@ def kernel_checks(device: str) -> dict:
     }
 
 
+def prepare(ctx: Context) -> None:
+    ctx.start_probe()  # the kernels run in the probe child, after its imports
+
+
 def run(ctx: Context) -> CheckResult:
     values: dict = {"BNB_CUDA_VERSION": ctx.environ.get("BNB_CUDA_VERSION")}
     override = " | BNB_CUDA_VERSION is set: `unset BNB_CUDA_VERSION`" if values["BNB_CUDA_VERSION"] else ""
+    probe = ctx.start_probe()
     try:
         facts = ctx.torch_facts()
         fix = f"{reinstall_fix(environment_name(ctx.environ, facts.cuda, True)[0])}; `python -m bitsandbytes` diagnoses"
-        import bitsandbytes
-    except Exception as error:  # the imports check names the cause; here only say the kernels are untested
+        problem = (probe.section("imports") or {}).get("bitsandbytes", ["", probe.crash_detail("importing")])
+        if problem:
+            raise RuntimeError(problem[1])
+    except RuntimeError as error:  # the imports check names the cause; here only say the kernels are untested
         fix = f"{reinstall_fix(None)}; `python -m bitsandbytes` diagnoses"
         return CheckResult(ID, TITLE, "fail", f"torch or bitsandbytes does not import: {error}", fix + override, values)
     fix += override
-    values["version"] = bitsandbytes.__version__
-    path, problem = native_library()
-    values["library"] = path
+    values["version"] = installed_version("bitsandbytes")
+    library = probe.section("bnb_library") or {"path": None, "problem": probe.crash_detail("loading the library")}
+    path = values["library"] = library["path"]
     if path is None:
-        message = f"native library not loaded (the import-time fallback is active): {problem}"
+        message = f"native library not loaded (the import-time fallback is active): {library['problem']}"
         return CheckResult(ID, TITLE, "fail", message, fix, values)
     values["library_cuda"], values["torch_cuda"] = library_cuda(path), facts.cuda
     lib_cuda = values["library_cuda"]
@@ -104,10 +113,11 @@ def run(ctx: Context) -> CheckResult:
         message = f"loaded {os.path.basename(path)} but torch's CUDA is {facts.cuda or 'none (CPU build)'}"
         return CheckResult(ID, TITLE, "fail", message, fix, values)
     device = "cuda:0" if facts.available else "cpu"
-    try:
-        values.update(kernel_checks(device))
-    except Exception as error:  # a native op that crashes is exactly what this check exists to report
-        return CheckResult(ID, TITLE, "fail", f"a bitsandbytes kernel failed on {device}: {error}", fix, values)
+    kernels = probe.section("bnb_kernels") or {"error": probe.crash_detail("a bitsandbytes kernel")}
+    if "error" in kernels:  # a native op that raises or crashes is exactly what this check exists to report
+        message = f"a bitsandbytes kernel failed on {device}: {kernels['error']}"
+        return CheckResult(ID, TITLE, "fail", message, fix, values)
+    values.update(kernels)
     problems = []
     if values["nf4_relative_error"] > NF4_TOLERANCE or not values["nf4_double_quant"]:
         problems.append(f"NF4 round trip error {values['nf4_relative_error']} > {NF4_TOLERANCE}")

@@ -1,0 +1,94 @@
+"""The import probe: a child that dies or hangs becomes a failed check, and the verifier itself stays light and fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from verify import probe
+from verify.checks.base import Context, TorchFacts
+from verify.registry import run_checks
+
+SEGFAULT = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+
+
+def verify_json(pythonpath: Path, *checks: str) -> tuple[int, dict]:
+    environ = {**os.environ, "PYTHONPATH": str(pythonpath), "LORABOX_ENV": "cpu"}
+    only = [arg for check in checks for arg in ("--only", check)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "verify", *only, "--json"], cwd=REPO, env=environ, capture_output=True, text=True
+    )
+    return proc.returncode, {check["id"]: check for check in json.loads(proc.stdout)["checks"]}
+
+
+def test_a_package_that_segfaults_on_import_fails_the_check_instead_of_killing_the_verifier(tmp_path):
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "__init__.py").write_text(SEGFAULT)
+    code, checks = verify_json(tmp_path, "imports", "bnb")
+    assert code == 1
+    imports = checks["imports"]
+    assert imports["status"] == "fail" and "killed by SIGSEGV" in imports["message"]
+    assert "accelerate: importing did not finish" in imports["message"]
+    # The packages that need no torch are imported by the other child, which the crash did not touch.
+    assert imports["values"]["datasets"][0].isdigit() and imports["values"]["yaml"][0].isdigit()
+    assert checks["bitsandbytes"]["status"] == "fail" and "does not import" in checks["bitsandbytes"]["message"]
+
+
+def test_a_kernel_that_segfaults_keeps_what_the_child_learned_before(tmp_path):
+    """A bitsandbytes whose quantize_4bit kills the interpreter, as a native library built for another GPU can."""
+    import bitsandbytes
+
+    original = Path(bitsandbytes.__file__).parent
+    copy = tmp_path / "bitsandbytes"
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for library in original.glob("*.so"):  # the real native libraries, without copying 125 MB
+        (copy / library.name).symlink_to(library)
+    functional = copy / "functional.py"
+    crash = "".join(f"    {line}\n" for line in SEGFAULT.splitlines())
+    functional.write_text(functional.read_text() + f"\n\ndef quantize_4bit(*args, **kwargs):\n{crash}")
+    code, checks = verify_json(tmp_path, "imports", "bnb")
+    assert code == 1
+    bnb = checks["bitsandbytes"]
+    assert bnb["status"] == "fail" and "a bitsandbytes kernel failed on cpu" in bnb["message"]
+    assert "killed by SIGSEGV" in bnb["message"] and "python -m bitsandbytes" in bnb["fix"]
+    assert bnb["values"]["library"].startswith(str(copy))  # the library line was printed before the crash
+    assert checks["imports"]["status"] == "pass"  # so were the imports
+
+
+def test_a_hanging_import_is_killed_at_the_deadline(tmp_path, monkeypatch):
+    (tmp_path / "rich").mkdir()  # imported by the child without torch only: the torch chain never imports rich
+    (tmp_path / "rich" / "__init__.py").write_text("import time\ntime.sleep(600)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the children get the verifier's sys.path
+    monkeypatch.setattr(probe, "TIMEOUT_S", 20)  # the torch chain needs ~8 s on 2 shared cores; rich never ends
+    torch = TorchFacts(version="2.13.0+cpu", cuda=None, available=False)
+    report = run_checks(Context(torch=torch, environ={"LORABOX_ENV": "cpu"}), only=["imports"])
+    imports = report.results[0]
+    assert (imports.status, report.exit_code) == ("fail", 1)
+    assert "rich: importing did not finish" in imports.message and "no answer within 20 s" in imports.message
+    assert imports.values["peft"][0].isdigit()  # the other child answered in time
+
+
+def test_the_verifier_process_imports_no_torch_on_a_cpu_only_machine():
+    """The ≤ 10 s budget holds because the torch -> peft chain is imported once, in the probe, not here as well."""
+    from tests.conftest import cuda_device_count
+
+    if cuda_device_count() > 0:
+        pytest.skip("with a GPU the allocation check needs torch in the verifier's process")
+    script = (
+        "import json, sys; from verify.cli import main; code = main(['--json']); "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets') if m in sys.modules]; "
+        "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    found = json.loads(proc.stderr.strip().splitlines()[-1])
+    report = json.loads(proc.stdout)
+    assert found["heavy"] == [], found
+    assert found["code"] in (0, 2) and report["summary"]["fail"] == 0
+    assert report["environment"]["torch"].startswith("2.")  # reported from the probe's reading

@@ -1,0 +1,161 @@
+"""Child interpreters import the training stack, read torch's facts and run the bitsandbytes kernels.
+
+Why a child: importing peft pulls in torch, transformers, torch._dynamo and (through bitsandbytes) torch._inductor,
+~7 s of single-threaded work here. Doing it once, off the verifier's own process, keeps that process free for
+the checks that need no torch, and a native library that kills the interpreter (a segfaulting kernel, an abort in
+a CUDA setup) becomes a failed check with the child's last words instead of the verifier's death.
+
+The child prints one JSON line per finished section (imports, torch, bnb_library, bnb_kernels), so whatever it
+learned before a crash survives it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+# (import name, distribution name, required for training)
+PACKAGES: list[tuple[str, str, bool]] = [
+    ("torch", "torch", True),
+    ("transformers", "transformers", True),
+    ("trl", "trl", True),
+    ("peft", "peft", True),
+    ("accelerate", "accelerate", True),
+    ("datasets", "datasets", True),
+    ("bitsandbytes", "bitsandbytes", True),
+    ("pydantic", "pydantic", True),
+    ("pynvml", "nvidia-ml-py", True),
+    ("yaml", "pyyaml", True),
+    ("rich", "rich", True),
+    ("matplotlib", "matplotlib", False),  # loss plots only
+    ("tensorboard", "tensorboard", False),  # logging backend only
+]
+# These never import torch, so a second child imports them on the other core (~1.2 s off the wall time on 2 cores)
+# while the first one works through torch -> transformers -> peft -> bitsandbytes, which is one serial chain.
+WITHOUT_TORCH = {"datasets", "pydantic", "pynvml", "yaml", "rich", "matplotlib", "tensorboard"}
+# An import that blocks (a network call at import time, a dead NFS mount) must not hang the verifier.
+TIMEOUT_S = 180
+
+# -S and the parent's exact sys.path: the child sees what the verifier sees (a crafted PYTHONPATH, a venv, a
+# site dir added at runtime), no more. os._exit after the last flush: tearing torch, peft and bitsandbytes down
+# at interpreter exit costs ~1.5 s on 2 cores, and the verifier waits for the child's end.
+CHILD = (
+    "import json, os, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from verify.probe import child_main; child_main(sys.argv[2:]); sys.stdout.flush(); os._exit(0)"
+)
+
+
+def _chain(error: BaseException) -> str:
+    """The error and its causes as one line: an 'undefined symbol' is often in a chained OSError."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- ".join(parts)
+
+
+def import_problem(module: str) -> tuple[str, str] | None:
+    """None when `module` imports; else (kind, detail) with kind 'missing', 'abi' or 'broken'."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] == module:
+            return "missing", "not installed"
+        return "broken", f"needs {error.name}, which is not installed ({_chain(error)})"
+    except Exception as error:  # ImportError, OSError from a native library, anything a package raises on import
+        text = _chain(error)
+        if "undefined symbol" in text:
+            return "abi", f"ABI mismatch (undefined symbol): built against a different torch/CUDA/Python — {text}"
+        return "broken", text
+    return None
+
+
+def _emit(section: str, data) -> None:
+    print(json.dumps({"section": section, "data": data}), flush=True)
+
+
+def child_main(modules: list[str]) -> None:
+    """Runs in the child: each section is printed as soon as it is known."""
+    problems = {module: import_problem(module) for module in modules}
+    _emit("imports", problems)
+    if problems.get("torch", "not asked") is not None:
+        return
+    from verify.checks.base import TorchFacts
+
+    try:
+        facts = TorchFacts.read()
+    except Exception as error:  # CUDA init can raise on a broken driver; the GPU check reports it
+        _emit("torch", {"error": _chain(error)})
+        return
+    _emit("torch", asdict(facts))
+    if problems.get("bitsandbytes", "not asked") is not None:
+        return
+    from verify.checks.bnb import kernel_checks, native_library
+
+    path, why = native_library()
+    _emit("bnb_library", {"path": path, "problem": why})
+    if path is not None:
+        try:
+            _emit("bnb_kernels", kernel_checks("cuda:0" if facts.available else "cpu"))
+        except Exception as error:  # a native op that raises is exactly what the bitsandbytes check reports
+            _emit("bnb_kernels", {"error": _chain(error)})
+
+
+@dataclass
+class Probe:
+    """The parent's handle: start() at once, then sections are read on first use (waiting for the children's end)."""
+
+    processes: list[subprocess.Popen]
+    deadline: float  # time.monotonic() by which every child must have answered
+    sections: dict = field(default_factory=dict)
+    finished: bool = False
+    last_words: str = ""  # the stderr tail of a child that died before printing every section
+
+    @classmethod
+    def start(cls) -> Probe:
+        modules = [module for module, _, _ in PACKAGES]
+        groups = [[m for m in modules if m not in WITHOUT_TORCH], [m for m in modules if m in WITHOUT_TORCH]]
+        return cls([cls._spawn(group) for group in groups], time.monotonic() + TIMEOUT_S)
+
+    @staticmethod
+    def _spawn(modules: list[str]) -> subprocess.Popen:
+        command = [sys.executable, "-S", "-c", CHILD, json.dumps(sys.path), *modules]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _collect(self, process: subprocess.Popen) -> None:
+        try:
+            out, err = process.communicate(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            err = f"{err.strip()}\nno answer within {TIMEOUT_S} s: an import or kernel hangs, so it was killed"
+        for line in out.splitlines():
+            try:
+                record = json.loads(line)
+                section, data = record["section"], record["data"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a library that prints to stdout while importing
+            if section == "imports":  # each child imported its share of the packages
+                self.sections.setdefault(section, {}).update(data)
+            else:
+                self.sections[section] = data
+        if process.returncode != 0:
+            code = process.returncode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            self.last_words = f"{how}: {err.strip()[-400:] or 'no output on stderr'}"
+
+    def section(self, name: str) -> dict | None:
+        """The section's data; None when no child got there (see `last_words` for why)."""
+        if not self.finished:
+            for process in self.processes:
+                self._collect(process)
+            self.finished = True
+        return self.sections.get(name)
+
+    def crash_detail(self, what: str) -> str:
+        return f"{what} did not finish in a fresh Python interpreter ({self.last_words or 'it printed no answer'})"
