@@ -92,3 +92,14 @@ def test_the_verifier_process_imports_no_torch_on_a_cpu_only_machine():
     assert found["heavy"] == [], found
     assert found["code"] in (0, 2) and report["summary"]["fail"] == 0
     assert report["environment"]["torch"].startswith("2.")  # reported from the probe's reading
+
+
+def test_the_second_child_really_imports_no_torch():
+    """If one of them starts importing torch, the split stops saving time: move it to the torch chain."""
+    script = (
+        "import importlib, json, sys; from verify.probe import WITHOUT_TORCH; "
+        "[importlib.import_module(m) for m in sorted(WITHOUT_TORCH)]; "
+        "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == []
