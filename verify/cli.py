@@ -74,7 +74,8 @@ def print_summary(report: Report) -> None:
     parts = [f"{counts[s]} {name}" for s, name in (("pass", "passed"), ("fail", "failed"), ("warn", "warnings"))]
     parts += [f"{counts['skip']} skipped"] + ([f"{counts['error']} crashed"] if counts["error"] else [])
     env = report.environment
-    print(f"environment: python {env['python']}, torch {env['torch']}, GPUs via {env['gpu_source']}: {env['gpus']}")
+    torch = env["torch"] or "not read"
+    print(f"environment: python {env['python']}, torch {torch}, GPUs via {env['gpu_source']}: {env['gpus']}")
     print(
         f"{', '.join(parts)} in {report.duration_s:.1f} s — exit {report.exit_code}: {EXIT_MEANINGS[report.exit_code]}"
     )
