@@ -76,6 +76,15 @@ def import_problem(module: str) -> tuple[str, str] | None:
     return None
 
 
+def how_it_ended(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-returncode}"
+
+
 def _emit(section: str, data) -> None:
     print(json.dumps({"section": section, "data": data}), flush=True)
 
@@ -115,7 +124,7 @@ class Probe:
     deadline: float  # time.monotonic() by which every child must have answered
     sections: dict = field(default_factory=dict)
     finished: bool = False
-    last_words: str = ""  # the stderr tail of a child that died before printing every section
+    last_words: str = ""  # how each child that died before printing every section ended, and its stderr tail
 
     @classmethod
     def start(cls) -> Probe:
@@ -146,9 +155,8 @@ class Probe:
             else:
                 self.sections[section] = data
         if process.returncode != 0:
-            code = process.returncode
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-            self.last_words = f"{how}: {err.strip()[-400:] or 'no output on stderr'}"
+            words = f"{how_it_ended(process.returncode)}: {err.strip()[-400:] or 'no output on stderr'}"
+            self.last_words = f"{self.last_words}; {words}" if self.last_words else words
 
     def section(self, name: str) -> dict | None:
         """The section's data; None when no child got there (see `last_words` for why)."""

@@ -103,3 +103,11 @@ def test_the_second_child_really_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
+
+
+@pytest.mark.parametrize(
+    ("returncode", "said"),
+    [(1, "exit 1"), (-11, "killed by SIGSEGV"), (-9, "killed by SIGKILL"), (-40, "killed by signal 40")],
+)
+def test_how_a_child_ended_is_named(returncode, said):
+    assert probe.how_it_ended(returncode) == said
