@@ -166,5 +166,16 @@ class Probe:
             self.finished = True
         return self.sections.get(name)
 
+    def import_problems(self) -> dict[str, tuple[str, str] | None]:
+        """Every package's import problem (None: imported); a package whose child died before answering is suspect."""
+        answered = self.section("imports") or {}
+        problems = {}
+        for module, _, _ in PACKAGES:
+            if module not in answered:  # its child died mid-import (a segfaulting native library, a hang)
+                problems[module] = ("broken", self.crash_detail("importing"))
+            else:
+                problems[module] = tuple(answered[module]) if answered[module] else None
+        return problems
+
     def crash_detail(self, what: str) -> str:
         return f"{what} did not finish in a fresh Python interpreter ({self.last_words or 'it printed no answer'})"

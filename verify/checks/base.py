@@ -99,8 +99,8 @@ class Context:
             probe = self.start_probe()
             data = probe.section("torch")
             if data is None or "error" in data:
-                problem = (probe.section("imports") or {}).get("torch")
-                why = problem[1] if problem else data["error"] if data else probe.crash_detail("importing torch")
+                problem = probe.import_problems()["torch"]
+                why = problem[1] if problem else data["error"] if data else probe.crash_detail("reading torch's facts")
                 raise RuntimeError(why)
             data["capabilities"] = [tuple(c) for c in data["capabilities"]]
             self.torch = TorchFacts(**data)

@@ -94,7 +94,7 @@ def run(ctx: Context) -> CheckResult:
     try:
         facts = ctx.torch_facts()
         fix = f"{reinstall_fix(environment_name(ctx.environ, facts.cuda, True)[0])}; `python -m bitsandbytes` diagnoses"
-        problem = (probe.section("imports") or {}).get("bitsandbytes", ["", probe.crash_detail("importing")])
+        problem = probe.import_problems()["bitsandbytes"]
         if problem:
             raise RuntimeError(problem[1])
     except RuntimeError as error:  # the imports check names the cause; here only say the kernels are untested

@@ -19,18 +19,6 @@ def prepare(ctx: Context) -> None:
     ctx.start_probe()  # the child imports while the checks before this one run
 
 
-def probe_results(ctx: Context) -> dict[str, tuple[str, str] | None]:
-    probe = ctx.start_probe()
-    answered = probe.section("imports") or {}
-    problems = {}
-    for module, _, _ in PACKAGES:
-        if module not in answered:  # its child died mid-import (a segfaulting native library): the package is suspect
-            problems[module] = ("broken", probe.crash_detail("importing"))
-        else:
-            problems[module] = tuple(answered[module]) if answered[module] else None
-    return problems
-
-
 def installed_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -95,7 +83,7 @@ def check_versions(exp: Expected) -> CheckResult:
 
 
 def run(ctx: Context) -> list[CheckResult]:
-    problems = probe_results(ctx)
+    problems = ctx.start_probe().import_problems()
     try:
         torch_cuda, torch_found = (ctx.torch_facts().cuda, True) if problems["torch"] is None else (None, False)
     except RuntimeError:  # torch imports but could not read its devices: the GPU check says why
