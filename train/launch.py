@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from env.recipe import RecipeError, load_recipe
+from train.run import add_run_arguments
 
 ACCELERATE_DIR = Path(__file__).resolve().parents[1] / "env" / "accelerate"
 # `lorabox train NAME …` for these names runs a sibling module instead of training
@@ -34,12 +35,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, required=True, help="recipe YAML (see train/recipes/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.r=32")
-    parser.add_argument("--run-dir", type=Path, help="run directory (default: the recipe's output_dir)")
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", type=Path, metavar="PATH", help="resume from this checkpoint directory")
-    resume.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    add_run_arguments(parser, config_required=True)
     parser.add_argument("--accelerate-config", type=Path, help="launcher config (default: chosen from the GPUs seen)")
     parser.add_argument("--num-processes", type=int, help="processes to start (default: one per GPU, or 1 on CPU)")
     return parser

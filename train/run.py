@@ -28,16 +28,21 @@ exit codes: 0 done, 2 bad recipe or data, 3 out of memory at micro-batch 1, 4 Na
 """
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", type=Path, help="recipe YAML (see train/recipes/)")
+def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) -> None:
+    """The run's own options; `lorabox train` (train/launch.py) accepts the same ones and passes them on to here."""
+    parser.add_argument("--config", type=Path, required=config_required, help="recipe YAML (see train/recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.r=32")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: the recipe's output_dir)")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", type=Path, metavar="PATH", help="resume from this checkpoint directory")
     resume.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, config_required=False)
     return parser
 
 
