@@ -1,7 +1,7 @@
-"""`python -m env`: same as `lorabox env`."""
+"""`python -m lorabox.env`: same as `lorabox env`."""
 
 import sys
 
-from env.cli import main
+from lorabox.env.cli import main
 
 sys.exit(main())

@@ -16,8 +16,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from env.manifest import Manifest, ManifestError
-from env.matrix import FLAVOURS, base_image_for, flavours_for, image_tag
+from lorabox.env.manifest import Manifest, ManifestError
+from lorabox.env.matrix import FLAVOURS, base_image_for, flavours_for, image_tag
 
 DOCKERFILE = "docker/Dockerfile"
 LABEL_PREFIX = "dev.lorabox"

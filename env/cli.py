@@ -1,4 +1,4 @@
-"""`lorabox env` / `python -m env`: subcommands about environments, one module each."""
+"""`lorabox env` / `python -m lorabox.env`: subcommands about environments, one module each."""
 
 from __future__ import annotations
 
@@ -7,11 +7,20 @@ import importlib
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "pins": ("env.pins", "print an environment's pins from pixi.toml as pip requirements"),
-    "matrix": ("env.matrix", "each environment's CUDA, torch, GPU archs, driver floors, platforms and image tags"),
-    "pick": ("env.pick", "name the environment that fits this machine's GPUs, driver and platform, with the reason"),
-    "preflight": ("env.preflight", "host checks before running an image: engine, NVIDIA runtime, WSL2, shm, disk"),
-    "build": ("env.build", "build lorabox:<version>-<env>-<flavour> images through the Docker Engine API"),
+    "pins": ("lorabox.env.pins", "print an environment's pins from pixi.toml as pip requirements"),
+    "matrix": (
+        "lorabox.env.matrix",
+        "each lane's CUDA, torch, GPU archs, driver floors, platforms and image tags",
+    ),
+    "pick": (
+        "lorabox.env.pick",
+        "name the environment that fits a machine's GPUs, driver and platform, and why",
+    ),
+    "preflight": (
+        "lorabox.env.preflight",
+        "host checks before running an image: engine, NVIDIA runtime, WSL2, shm",
+    ),
+    "build": ("lorabox.env.build", "build lorabox:<version>-<env>-<flavour> images through the Docker Engine API"),
 }
 
 EXAMPLES = """\
@@ -38,7 +47,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m env") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m lorabox.env") -> int:
     args = build_parser(prog).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)

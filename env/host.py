@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from env.compat import WSL_LIBCUDA_DIR
+from lorabox.env.compat import WSL_LIBCUDA_DIR
 
 _TRUE = {"1", "true", "yes", "on"}
 

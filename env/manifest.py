@@ -55,22 +55,30 @@ class Environment:
         return match.group(1) if match else "pypi"
 
 
-def find_manifest(start: Path | None = None) -> Path:
-    """pixi.toml from $LORABOX_MANIFEST, else the nearest one above `start` (cwd) or above this package."""
+def find_manifest() -> Path:
+    """$LORABOX_MANIFEST, else the pixi.toml that ships with this code: the checkout's own (beside env/) or the
+    copy the wheel carries (lorabox/pixi.toml). Never a pixi.toml found by walking up from the current directory:
+    that may be the user's own project."""
     if os.environ.get(MANIFEST_ENV_VAR):
         path = Path(os.environ[MANIFEST_ENV_VAR])
         if not path.is_file():
             raise ManifestError(f"{MANIFEST_ENV_VAR}={path} does not exist; point it at lorabox's pixi.toml.")
         return path
-    for base in (start or Path.cwd(), Path(__file__).resolve().parent):
-        for directory in (base, *base.parents):
-            candidate = directory / "pixi.toml"
-            if candidate.is_file() and "lorabox" in candidate.read_text(encoding="utf-8")[:2000]:
-                return candidate
+    own = Path(__file__).resolve().parents[1] / "pixi.toml"
+    if own.is_file() and _workspace_name(own) == "lorabox":
+        return own
     raise ManifestError(
-        "lorabox's pixi.toml was not found above the current directory or the installed package. "
-        f"Run from a lorabox checkout, or set {MANIFEST_ENV_VAR}=/path/to/pixi.toml."
+        f"lorabox's pixi.toml is not beside the installed package ({own} is missing or not lorabox's); "
+        f"reinstall lorabox (pip install --force-reinstall lorabox), or set {MANIFEST_ENV_VAR}=/path/to/pixi.toml."
     )
+
+
+def _workspace_name(path: Path) -> str | None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return (data.get("workspace") or data.get("project") or {}).get("name")
 
 
 def _pins_of(table: dict, feature: str, platform: str) -> dict[str, Pin]:

@@ -10,8 +10,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from env.compat import TORCH_VARIANTS, driver_floor
-from env.manifest import Environment, Manifest, ManifestError
+from lorabox.env.compat import TORCH_VARIANTS, driver_floor
+from lorabox.env.manifest import Environment, Manifest, ManifestError
 
 IMAGE_NAME = "lorabox"
 # Flavour = Dockerfile target. wsl2 only differs for GPUs (libcuda from the Windows driver), so cpu has no wsl2.

@@ -13,10 +13,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from env.compat import BNB_MIN_CAPABILITY_4BIT, TORCH_VARIANTS, driver_floor, driver_meets, version_tuple
-from env.gpu import GpuReading, read_gpus
-from env.host import HostPaths, is_wsl, wsl_libcuda
-from env.manifest import Environment, Manifest, ManifestError
+from lorabox.env.compat import BNB_MIN_CAPABILITY_4BIT, TORCH_VARIANTS, driver_floor, driver_meets, version_tuple
+from lorabox.env.gpu import GpuReading, read_gpus
+from lorabox.env.host import HostPaths, is_wsl, wsl_libcuda
+from lorabox.env.manifest import Environment, Manifest, ManifestError
 
 # Exit codes shared with `lorabox verify`: 0 chosen, 1 nothing fits, 2 chosen with a warning, 3 could not decide.
 OK, NONE_FITS, WARN, ERROR = 0, 1, 2, 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from env.manifest import Manifest, ManifestError
+from lorabox.env.manifest import Manifest, ManifestError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from env.memory import (
+from lorabox.env.memory import (
     GIB,
     KNOWN_IDS,
     PROJECTIONS,
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox plan") -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
-    from env.recipe import RecipeError, load_recipe
+    from lorabox.env.recipe import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(args.config, args.overrides)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox plan") -> int:
         return EXIT_USAGE
     notes: list[str] = []
     if budget is None:
-        from env.gpu import read_gpus
+        from lorabox.env.gpu import read_gpus
 
         reading = read_gpus()
         if reading.gpus:

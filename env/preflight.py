@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from env.gpu import GpuReading, read_gpus
-from env.host import HostPaths, container_kind, disk_free_bytes, hf_cache_dir, is_wsl, shm_bytes, wsl_libcuda
+from lorabox.env.gpu import GpuReading, read_gpus
+from lorabox.env.host import HostPaths, container_kind, disk_free_bytes, hf_cache_dir, is_wsl, shm_bytes, wsl_libcuda
 
 GIB = 1024**3
 # A CUDA image holds torch's CUDA wheels (cuDNN, cuBLAS, NCCL …): ~10 GiB unpacked, plus room for a rebuild.

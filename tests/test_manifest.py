@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from env.manifest import Manifest, ManifestError
+from lorabox.env.manifest import Manifest, ManifestError
 from tests.conftest import REPO, SHARED
 
 SCHEMA = SHARED / "pixi" / "manifest-schema-v0.77.0.json"

@@ -52,9 +52,9 @@ def test_readme_pixi_commands_name_real_tasks():
     "argv",
     [
         [str(Path(sys.executable).with_name("lorabox")), "--help"],
-        [sys.executable, "-m", "verify", "--help"],
-        [sys.executable, "-m", "train", "--help"],
-        [sys.executable, "-m", "env", "--help"],
+        [sys.executable, "-m", "lorabox.verify", "--help"],
+        [sys.executable, "-m", "lorabox.train", "--help"],
+        [sys.executable, "-m", "lorabox.env", "--help"],
     ],
     ids=["lorabox", "verify", "train", "env"],
 )

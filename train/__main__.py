@@ -1,7 +1,7 @@
-"""`python -m train` (and `accelerate launch -m train`): one training run in this process."""
+"""`python -m lorabox.train` (and `accelerate launch -m lorabox.train`): one training run in this process."""
 
 import sys
 
-from train.run import main
+from lorabox.train.run import main
 
 sys.exit(main())

@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from env.memory import GIB, SHAPES, estimate, seed_settings
-from train.benchkit import (
+from lorabox.env.memory import GIB, SHAPES, estimate, seed_settings
+from lorabox.train.benchkit import (
     QUICK_SHAPE,
     bench_recipe,
     build_model_dir,
@@ -20,7 +20,7 @@ from train.benchkit import (
     run_seed,
     token_dataset,
 )
-from train.speed import SpeedChoices, planned
+from lorabox.train.speed import SpeedChoices, planned
 
 EXIT_OK, EXIT_GUARD_FAILED, EXIT_USAGE, EXIT_NEEDS_GPU = 0, 1, 2, 3
 # Correctness guard: the first step's loss (same weights, same batch, before any update) must agree to 1% (bf16
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
 def measure(args, cuda: bool, device_name: str | None) -> int:
     """Run the grid or the seed-vs-lorabox comparison inside args.scratch; write args.json_out."""
     if args.plan_grid:
-        from train.bench_grid import plan_grid
+        from lorabox.train.bench_grid import plan_grid
 
         report = plan_grid(args, device_name)
         args.json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")

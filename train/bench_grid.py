@@ -5,9 +5,16 @@ from __future__ import annotations
 import gc
 from dataclasses import replace
 
-from env.memory import GIB, SHAPES, estimate
-from env.plan import settings_from_recipe
-from train.benchkit import bench_recipe, build_model_dir, build_tokenizer, make_samples, run_lorabox, token_dataset
+from lorabox.env.memory import GIB, SHAPES, estimate
+from lorabox.env.plan import settings_from_recipe
+from lorabox.train.benchkit import (
+    bench_recipe,
+    build_model_dir,
+    build_tokenizer,
+    make_samples,
+    run_lorabox,
+    token_dataset,
+)
 
 
 def plan_grid(args, device_name: str | None) -> dict:

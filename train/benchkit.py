@@ -9,9 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from env.memory import GIB, PROJECTIONS, ModelShape
+from lorabox.env.memory import GIB, PROJECTIONS, ModelShape
 
-HISTOGRAM = Path(__file__).resolve().parent / "data" / "bench" / "length_histogram.json"
+HISTOGRAM = Path(__file__).resolve().parent / "samples" / "bench" / "length_histogram.json"
 QUICK_SHAPE = ModelShape("quick-tiny", 64, 2, 128, 4, 2, 256)
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets (SXM parts); others need --peak-tflops.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -215,7 +215,7 @@ def run_seed(model_dir, tokenizer, dataset, args, shape, cuda, device_name) -> d
 
 
 def bench_recipe(model_dir: Path, args, overrides: dict | None = None):
-    from env.recipe import Recipe
+    from lorabox.env.recipe import Recipe
 
     return Recipe.model_validate(
         {
@@ -231,9 +231,9 @@ def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, r
     """lorabox's path: train.model's LoRA wrapping, TRL SFTTrainer, every train.speed decision applied."""
     from trl import SFTConfig, SFTTrainer
 
-    from env.gpu import read_gpus
-    from train.model import add_lora
-    from train.speed import choose
+    from lorabox.env.gpu import read_gpus
+    from lorabox.train.model import add_lora
+    from lorabox.train.speed import choose
 
     choices = choose(recipe, read_gpus())
     for reason in choices.reasons:

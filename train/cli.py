@@ -8,12 +8,12 @@ import sys
 # name -> (module with main(argv) -> int, one-line help). Imported lazily so `lorabox env pick`
 # never pays for importing torch.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "verify": ("verify.cli", "check GPU, driver, imports, bitsandbytes kernels, allocation and memory fit"),
-    "train": ("train.launch", "launch a QLoRA recipe with accelerate (also: train merge, train generate)"),
-    "demo": ("train.demo", "offline end-to-end demo: verify, then QLoRA on a bundled tiny model"),
-    "env": ("env.cli", "environments: matrix, pick, preflight, build, pins"),
-    "plan": ("env.plan", "predict a recipe's peak GPU memory and pick settings that fit"),
-    "bench": ("train.bench", "measure lorabox's training path against the seed recipe"),
+    "verify": ("lorabox.verify.cli", "check GPU, driver, imports, bitsandbytes kernels, allocation and memory fit"),
+    "train": ("lorabox.train.launch", "launch a QLoRA recipe with accelerate (also: train merge, train generate)"),
+    "demo": ("lorabox.train.demo", "offline end-to-end demo: verify, then QLoRA on a bundled tiny model"),
+    "env": ("lorabox.env.cli", "environments: matrix, pick, preflight, build, pins"),
+    "plan": ("lorabox.env.plan", "predict a recipe's peak GPU memory and pick settings that fit"),
+    "bench": ("lorabox.train.bench", "measure lorabox's training path against the seed recipe"),
 }
 
 EXAMPLES = """\

@@ -16,7 +16,7 @@ examples:
   lorabox demo                          # verify, train into runs/demo/<timestamp>, print where things are
   lorabox demo --run-dir /tmp/demo      # choose the run directory (an existing one is resumed)
   lorabox demo --skip-verify            # train straight away
-Nothing is downloaded: the model is a tiny Llama built from train/data on first use.
+Nothing is downloaded: the model is a tiny Llama built from train/samples on first use.
 """
 
 
@@ -30,14 +30,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run_verify() -> int:
-    from verify.cli import main as verify_main
+    from lorabox.verify.cli import main as verify_main
 
     return verify_main([], prog="lorabox verify")
 
 
 def sample(run_dir: Path) -> str:
-    from train.generate import complete
-    from train.model import load_trained
+    from lorabox.train.generate import complete
+    from lorabox.train.model import load_trained
 
     _, tokenizer, model = load_trained(run_dir)
     return complete(model.eval(), tokenizer, SAMPLE_PROMPT[0], max_new_tokens=24)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox demo") -> int:
     # A fresh directory per demo keeps earlier results; pass --run-dir to resume or overwrite one on purpose.
     run_dir = args.run_dir or Path("runs/demo") / datetime.now().strftime("%Y%m%d-%H%M%S")
     print(f"{prog}: [2/3] QLoRA training through accelerate launch into {run_dir}", flush=True)
-    from train.launch import main as train_main
+    from lorabox.train.launch import main as train_main
 
     code = train_main(["--config", str(DEMO_RECIPE), "--run-dir", str(run_dir)], prog="lorabox train")
     if code != 0:

@@ -1,4 +1,5 @@
-"""`lorabox train`: check the recipe, pick the accelerate config for this machine, run `accelerate launch -m train`."""
+"""`lorabox train`: check the recipe, pick the accelerate config for this machine, run `accelerate launch -m
+lorabox.train`."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import os
 import sys
 from pathlib import Path
 
-from env.recipe import RecipeError, load_recipe
-from train.run import add_run_arguments
+from lorabox.env.recipe import RecipeError, load_recipe
+from lorabox.train.run import add_run_arguments
 
-ACCELERATE_DIR = Path(__file__).resolve().parents[1] / "env" / "accelerate"
+ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
 # `lorabox train NAME …` for these names runs a sibling module instead of training
-SUBCOMMANDS = {"merge": "train.merge", "generate": "train.generate"}
+SUBCOMMANDS = {"merge": "lorabox.train.merge", "generate": "lorabox.train.generate"}
 
 EXAMPLES = """\
 examples:
   lorabox train --config train/recipes/demo.yaml                 # any machine, bundled tiny model
   lorabox train --config train/recipes/llama3-8b-24gb.yaml --set training.max_steps=500
-  lorabox train --config my.yaml --accelerate-config env/accelerate/fsdp-qlora.yaml --num-processes 2
+  lorabox train --config my.yaml --accelerate-config train/accelerate/fsdp-qlora.yaml --num-processes 2
   lorabox train --config my.yaml --run-dir runs/my --no-resume       # start over instead of resuming
   lorabox train merge runs/my --out merged/                          # base (dequantised) + adapter, safetensors
   lorabox train generate runs/my --prompt "What is the capital of Peru?"
@@ -45,7 +46,7 @@ def choose_accelerate_config(explicit: Path | None, num_processes: int | None) -
     """(config file, --num_processes or None to keep the file's, why). GPUs are read through NVML, not CUDA."""
     if explicit is not None:
         return explicit, num_processes, f"{explicit} given with --accelerate-config"
-    from env.gpu import read_gpus
+    from lorabox.env.gpu import read_gpus
 
     reading = read_gpus()
     count = len(reading.gpus)
@@ -71,7 +72,7 @@ def accelerate_command(
         cmd += ["--num_cpu_threads_per_process", str(threads)]
     if "deepspeed" in config.name:  # the file names its JSON relative to the repo; pass it absolute
         cmd += ["--deepspeed_config_file", str(config.with_suffix(".json").resolve())]
-    return [*cmd, "-m", "train", *train_args]
+    return [*cmd, "-m", "lorabox.train", *train_args]
 
 
 def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
     if recipe.model.is_bundled:  # build it once now, so the ranks do not race to build it
-        from train.tiny_model import resolve
+        from lorabox.train.tiny_model import resolve
 
         print(f"{prog}: bundled model ready at {resolve(recipe.model.name_or_path)}", flush=True)
     config, num_processes, why = choose_accelerate_config(args.accelerate_config, args.num_processes)
@@ -110,6 +111,6 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         )
     cmd = accelerate_command(config, num_processes, threads, train_args)
     print(f"{prog}: {' '.join(cmd)}", flush=True)
-    from train.resilience.launcher import launch
+    from lorabox.train.resilience.launcher import launch
 
     return launch(cmd)

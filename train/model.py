@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from env.recipe import Recipe, load_recipe
-from train import tiny_model
-from train.outputs import unfinished_run_problem
+from lorabox.env.recipe import Recipe, load_recipe
+from lorabox.train import tiny_model
+from lorabox.train.outputs import unfinished_run_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

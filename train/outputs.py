@@ -39,8 +39,8 @@ def load_finished_run(run_dir: Path, prog: str, dequantize: bool = False) -> tup
     """(recipe, tokenizer, model) of a finished run, or None after printing why (the caller exits 2)."""
     problem = unfinished_run_problem(run_dir)  # before importing torch: a wrong path fails in a blink
     if problem is None:
-        from env.recipe import RecipeError
-        from train.model import load_trained
+        from lorabox.env.recipe import RecipeError
+        from lorabox.train.model import load_trained
 
         try:
             return load_trained(run_dir, dequantize=dequantize)
@@ -88,7 +88,7 @@ def provenance(config_hash: str, dataset_hashes: dict[str, str]) -> dict[str, An
     """Everything needed to say what produced a run: versions, GPU and driver (read via NVML), commit, hashes."""
     import torch
 
-    from env.gpu import read_gpus
+    from lorabox.env.gpu import read_gpus
 
     packages = {}
     for name in PACKAGES:

@@ -1,4 +1,4 @@
-"""`python -m train`: one QLoRA run in this process (what `accelerate launch -m train` starts on each rank).
+"""`python -m lorabox.train`: one QLoRA run in this process (what `accelerate launch` starts on each rank).
 
 parse → load recipe → validate data → log + save resolved config → setup → run → save.
 """
@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from env.recipe import Recipe, RecipeError, load_recipe
-from train.data import DataError, DataSet, read_jsonl
+from lorabox.env.recipe import Recipe, RecipeError, load_recipe
+from lorabox.train.data import DataError, DataSet, read_jsonl
 
 EXAMPLES = """\
 examples (usually started for you by `lorabox train`, which picks the accelerate config):
-  accelerate launch --config_file env/accelerate/cpu.yaml -m train --config train/recipes/demo.yaml
-  python -m train --config my.yaml --set training.max_steps=20 --run-dir runs/try
-  python -m train --config my.yaml --resume runs/my/checkpoint-200
+  accelerate launch --config_file train/accelerate/cpu.yaml -m lorabox.train --config train/recipes/demo.yaml
+  python -m lorabox.train --config my.yaml --set training.max_steps=20 --run-dir runs/try
+  python -m lorabox.train --config my.yaml --resume runs/my/checkpoint-200
 exit codes: 0 done, 2 bad recipe or data, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
             130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
 """
@@ -83,10 +83,10 @@ def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
 
 
 def setup(recipe: Recipe, train_data: DataSet, eval_data: DataSet | None) -> Setup:
-    from env.gpu import read_gpus
-    from train import speed
-    from train.data import build_datasets
-    from train.model import add_lora, choose_dtype, load_base_model, load_tokenizer, resolve_name
+    from lorabox.env.gpu import read_gpus
+    from lorabox.train import speed
+    from lorabox.train.data import build_datasets
+    from lorabox.train.model import add_lora, choose_dtype, load_base_model, load_tokenizer, resolve_name
 
     choices = speed.choose(recipe, read_gpus())  # NVML reading: before anything initialises CUDA
     for reason in choices.reasons:
@@ -130,8 +130,8 @@ def adapter_fingerprint(model) -> str:
 
 
 def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wall_s: float) -> None:
-    from train import outputs
-    from train.trainer import peak_memory_bytes
+    from lorabox.train import outputs
+    from lorabox.train.trainer import peak_memory_bytes
 
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # every rank calls it (FSDP gathers); rank 0 writes
@@ -156,7 +156,7 @@ def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wa
 
 def user_error(error: Exception) -> int:
     """Print a bad-input message (no traceback) and exit 2; under `lorabox train` the 2 travels via the status file."""
-    from train.resilience.launcher import STATUS_ENV
+    from lorabox.train.resilience.launcher import STATUS_ENV
 
     if is_main_process():  # every rank reads the same files and finds the same problem: say it once
         print(f"lorabox train: {error}", file=sys.stderr, flush=True)
@@ -168,7 +168,7 @@ def user_error(error: Exception) -> int:
     return 0  # a non-zero rank exit would make accelerate print its own traceback over our message
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -> int:
     args = build_parser(prog).parse_args(argv)
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
     try:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
     # TensorBoard's writer reads this variable; keep its event files next to the other run outputs.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 
-    from train.resilience import determinism
+    from lorabox.train.resilience import determinism
 
     say(determinism.apply(recipe.training.seed, recipe.resilience.deterministic))  # before the model and CUDA exist
     try:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
         return user_error(error)
     recipe = ready.recipe
 
-    from train.trainer import LoraboxTrainer, MetricsFile, sft_config
+    from lorabox.train.trainer import LoraboxTrainer, MetricsFile, sft_config
 
     def make_trainer(micro_batch: int, grad_accum: int) -> LoraboxTrainer:
         config = sft_config(recipe, run_dir, micro_batch, grad_accum, ready.dtype, dict(ready.sft_extra))
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m train") -> int:
             callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
         )
 
-    from train.resilience import fit
+    from lorabox.train.resilience import fit
 
     # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, backs off on OOM, guards NaN.
     outcome = fit(make_trainer, recipe, run_dir, args.resume or ("never" if args.no_resume else "auto"))

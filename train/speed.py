@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field, replace
 
-from env.memory import GIB, checkpointed_layers, estimate
-from env.plan import auto_fit, fits, resolve_shape, settings_from_recipe
+from lorabox.env.memory import GIB, checkpointed_layers, estimate
+from lorabox.env.plan import auto_fit, fits, resolve_shape, settings_from_recipe
 
 # flash-attention's varlen kernels need Ampere or newer and a 16-bit compute dtype
 FLASH_MIN_CAPABILITY = (8, 0)

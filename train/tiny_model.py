@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from env.recipe import BUNDLED_MODEL_PREFIX
+from lorabox.env.recipe import BUNDLED_MODEL_PREFIX
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "samples"
 CACHE_ENV_VAR = "LORABOX_CACHE"
 
 # Llama architecture at toy size: big enough that the loss falls clearly on the demo data, small enough that a

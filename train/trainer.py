@@ -11,8 +11,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from env.recipe import Recipe
-from train.resilience import ResilientTrainerMixin
+from lorabox.env.recipe import Recipe
+from lorabox.train.resilience import ResilientTrainerMixin
 
 
 def peak_memory_bytes() -> int:

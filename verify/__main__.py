@@ -1,9 +1,9 @@
-"""`python -m verify`: same as `lorabox verify`."""
+"""`python -m lorabox.verify`: same as `lorabox verify`."""
 
 import os
 import sys
 
-from verify.cli import main
+from lorabox.verify.cli import main
 
 code = main()
 # Tearing down torch, bitsandbytes and peft at interpreter exit costs 2-3 s on 2 cores, a quarter of the

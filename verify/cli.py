@@ -1,4 +1,4 @@
-"""`lorabox verify` / `python -m verify`: run the checks, print a copy-pasteable table or JSON, exit 0/1/2/3."""
+"""`lorabox verify` / `python -m lorabox.verify`: run the checks, print a copy-pasteable table or JSON, exit 0/1/2/3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from verify.registry import CHECKS, EXIT_MEANINGS, Report, run_checks
+from lorabox.verify.registry import CHECKS, EXIT_MEANINGS, Report, run_checks
 
 SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "⚠", "skip": "⊘", "error": "✗"}
 
@@ -89,12 +89,12 @@ def failed_to_run(args: argparse.Namespace, message: str) -> int:
     return 3
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m verify") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m lorabox.verify") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.config is not None and not args.config.is_file():
         return failed_to_run(args, f"--config {args.config}: no such file (expected a training recipe YAML)")
     try:
-        from verify.checks.base import Context  # reads the GPUs through NVML here, before any CUDA init
+        from lorabox.verify.checks.base import Context  # reads the GPUs through NVML here, before any CUDA init
 
         ctx = Context(require_gpu=args.require_gpu, config=args.config, overrides=list(args.overrides))
         if args.json:

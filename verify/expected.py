@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from env.manifest import Environment, Manifest, ManifestError
+from lorabox.env.manifest import Environment, Manifest, ManifestError
 
 # torch.version.cuda -> the lane that ships that build, for runs outside pixi (plain pip, Docker without pixi).
 LANE_OF_TORCH_CUDA = {None: "cpu", "11.8": "cu118", "12.6": "cu126", "12.8": "cu128"}

@@ -95,7 +95,7 @@ def child_main(modules: list[str]) -> None:
     _emit("imports", problems)
     if problems.get("torch", "not asked") is not None:
         return
-    from verify.checks.base import TorchFacts
+    from lorabox.verify.checks.base import TorchFacts
 
     try:
         facts = TorchFacts.read()
@@ -105,7 +105,7 @@ def child_main(modules: list[str]) -> None:
     _emit("torch", asdict(facts))
     if problems.get("bitsandbytes", "not asked") is not None:
         return
-    from verify.checks.bnb import kernel_checks, native_library
+    from lorabox.verify.checks.bnb import kernel_checks, native_library
 
     path, why = native_library()
     _emit("bnb_library", {"path": path, "problem": why})

@@ -10,17 +10,17 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from verify.checks.base import CheckResult, Context
+from lorabox.verify.checks.base import CheckResult, Context
 
 # Order matters: the GPU check reports NVML's reading before anything initialises CUDA. The imports, torch's
 # facts and the bitsandbytes kernels come from one child interpreter (verify.probe) that prepare() starts first.
 CHECKS = [
-    "verify.checks.gpu",
-    "verify.checks.bnb",
-    "verify.checks.alloc",
-    "verify.checks.host",
-    "verify.checks.imports",
-    "verify.checks.config_fit",
+    "lorabox.verify.checks.gpu",
+    "lorabox.verify.checks.bnb",
+    "lorabox.verify.checks.alloc",
+    "lorabox.verify.checks.host",
+    "lorabox.verify.checks.imports",
+    "lorabox.verify.checks.config_fit",
 ]
 
 EXIT_MEANINGS = {
@@ -92,7 +92,7 @@ def run_one(ctx: Context, name: str, report: Report) -> list[CheckResult]:
 
 
 def environment_summary(ctx: Context) -> dict:
-    from env import host
+    from lorabox.env import host
 
     torch = ctx.known_torch_facts()  # a broken torch is reported by the imports check; the summary leaves it out
     return {

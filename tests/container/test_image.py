@@ -4,7 +4,7 @@ through podman's Docker-compatible Engine API (labels, tag, non-root user, tini 
 
 SUBSTITUTION, stated: this machine has no pixi binary and no conda-forge, so the Dockerfile's `pixi-env` stage
 cannot run here. Only that stage is replaced: tests/container/pins-env.Containerfile installs the cpu environment's
-exact pins from pixi.toml (`python -m env pins cpu`, every one of them) with pip into the same prefix
+exact pins from pixi.toml (`python -m lorabox.env pins cpu`, every one of them) with pip into the same prefix
 /app/.pixi/envs/cpu, and the images take it through the Dockerfile's ENV_IMAGE argument. The runtime
 stage, the targets and the entrypoints are docker/Dockerfile as shipped.
 
@@ -121,7 +121,7 @@ def docker_host(engine, tmp_path_factory):
 
 def plan(*args: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "env", "build", "--env", "cpu", "--dry-run", "--json", *args],
+        [sys.executable, "-m", "lorabox.env", "build", "--env", "cpu", "--dry-run", "--json", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -266,7 +266,7 @@ def test_offline_demo_as_non_root(cloud_image, tmp_path):
 def write_recipe(path: Path) -> None:
     path.write_text(
         "model:\n  name_or_path: bundled:tiny-llama\n"
-        "data:\n  train_file: /app/train/data/demo-instruction.jsonl\n  max_seq_len: 128\n  eval_fraction: 0\n"
+        "data:\n  train_file: /app/train/samples/demo-instruction.jsonl\n  max_seq_len: 128\n  eval_fraction: 0\n"
         "training:\n  micro_batch_size: 2\n  gradient_accumulation: 1\n  max_steps: 60\n  save_steps: 4\n"
         "  logging_steps: 1\n  learning_rate: 0.001\n  save_total_limit: 2\n"
     )

@@ -7,14 +7,14 @@ import json
 import subprocess
 import sys
 
-from env.build import git_commit, lock_hash, plan_build
-from env.manifest import Manifest
+from lorabox.env.build import git_commit, lock_hash, plan_build
+from lorabox.env.manifest import Manifest
 from tests.conftest import REPO
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "env", "build", "--dry-run", *args],
+        [sys.executable, "-m", "lorabox.env", "build", "--dry-run", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -66,7 +66,7 @@ def test_overrides_and_refusals():
 def test_unreachable_engine_exit_3(tmp_path):
     env = {"DOCKER_HOST": f"unix://{tmp_path}/absent.sock", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "env", "build", "--env", "cpu"],
+        [sys.executable, "-m", "lorabox.env", "build", "--env", "cpu"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -9,15 +9,15 @@ import subprocess
 import sys
 import tomllib
 
-from env.compat import driver_floor
-from env.manifest import Manifest
-from env.matrix import BASE_IMAGES, rows
+from lorabox.env.compat import driver_floor
+from lorabox.env.manifest import Manifest
+from lorabox.env.matrix import BASE_IMAGES, rows
 from tests.conftest import REPO
 
 
 def matrix_json() -> list[dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "env", "matrix", "--json"], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-m", "lorabox.env", "matrix", "--json"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -53,7 +53,7 @@ def test_matrix_follows_a_changed_pin(tmp_path):
 
 
 def test_table_lists_floors():
-    done = subprocess.run([sys.executable, "-m", "env", "matrix"], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "lorabox.env", "matrix"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0
     assert re.search(r"cu118\s+2\.7\.1 \(cu118\)\s+11\.8\s+sm_50-sm_90\s+>= 520\.61\.05\s+>= 520\.06", done.stdout)
 

@@ -34,7 +34,17 @@ def pick(tmp_path, gpu: dict, *extra: str) -> tuple[int, dict]:
     not_wsl = tmp_path / "version"
     not_wsl.write_text("Linux version 6.8.0-45-generic (buildd@lcy02-amd64-075) #45-Ubuntu SMP\n")
     env = {**os.environ, "LORABOX_FAKE_GPUS": str(fake)}
-    args = [sys.executable, "-m", "env", "pick", "--json", "--platform", "linux-64", "--proc-version", str(not_wsl)]
+    args = [
+        sys.executable,
+        "-m",
+        "lorabox.env",
+        "pick",
+        "--json",
+        "--platform",
+        "linux-64",
+        "--proc-version",
+        str(not_wsl),
+    ]
     done = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert "Traceback" not in done.stderr, done.stderr
     return done.returncode, json.loads(done.stdout)
@@ -124,7 +134,16 @@ def test_human_output_states_choice_and_rejections(tmp_path):
     fake = tmp_path / "gpus.json"
     fake.write_text(json.dumps(reading("NVIDIA GeForce RTX 3060", (8, 6), "535.183.01")))
     done = subprocess.run(
-        [sys.executable, "-m", "env", "pick", "--platform", "linux-64", "--proc-version", str(tmp_path / "none")],
+        [
+            sys.executable,
+            "-m",
+            "lorabox.env",
+            "pick",
+            "--platform",
+            "linux-64",
+            "--proc-version",
+            str(tmp_path / "none"),
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -26,7 +26,9 @@ def tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     # A missing linter fails rather than skips: the lint feature of pixi.toml installs all of them.
-    assert found, f"{name} is not installed: pip install -r <(python3 -m env pins cpu) installs pixi.toml's lint tools"
+    assert found, (
+        f"{name} is not installed: pip install -r <(python3 -m lorabox.env pins cpu) installs pixi.toml's lint tools"
+    )
     return found
 
 

@@ -11,7 +11,7 @@ import pytest
 
 def bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "train.cli", "bench", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "lorabox.train.cli", "bench", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -63,7 +63,7 @@ def test_gpu_modes_refuse_on_cpu_with_exit_3(args):
 def test_variable_lengths_follow_the_bundled_histogram():
     import random
 
-    from train.benchkit import HISTOGRAM, make_samples, sample_lengths
+    from lorabox.train.benchkit import HISTOGRAM, make_samples, sample_lengths
 
     source = json.loads(HISTOGRAM.read_text(encoding="utf-8"))["source"]
     assert source.startswith("SYNTHETIC")  # says honestly where it came from

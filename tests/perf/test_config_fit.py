@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from env.gpu import GpuInfo, GpuReading
-from env.memory import GIB
-from verify.checks import config_fit
-from verify.checks.base import Context
+from lorabox.env.gpu import GpuInfo, GpuReading
+from lorabox.env.memory import GIB
+from lorabox.verify.checks import config_fit
+from lorabox.verify.checks.base import Context
 
 
 def card(free_gib: float, name: str = "NVIDIA GeForce RTX 3060") -> GpuReading:
@@ -67,7 +67,16 @@ def test_verify_cli_exit_1_names_the_fix(tmp_path):
     fake = tmp_path / "gpus.json"
     fake.write_text(json.dumps(card(11.5).to_dict()), encoding="utf-8")
     run = subprocess.run(
-        [sys.executable, "-m", "verify", "--only", "config_fit", "--json", "--config", str(recipe(tmp_path, 16, 4096))],
+        [
+            sys.executable,
+            "-m",
+            "lorabox.verify",
+            "--only",
+            "config_fit",
+            "--json",
+            "--config",
+            str(recipe(tmp_path, 16, 4096)),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from env.memory import GIB, SHAPES, RunSettings, estimate, lora_params, seed_settings
+from lorabox.env.memory import GIB, SHAPES, RunSettings, estimate, lora_params, seed_settings
 
 BASE = RunSettings(micro_batch=4, seq_len=2048)
 
@@ -84,7 +84,7 @@ def test_documented_comparison_with_device_md(capsys):
 
 
 def test_tiny_shape_mirrors_the_bundled_model():
-    tiny_model = pytest.importorskip("train.tiny_model")
+    tiny_model = pytest.importorskip("lorabox.train.tiny_model")
     spec = tiny_model.SHAPES["tiny-llama"]
     shape = SHAPES["bundled:tiny-llama"]
     assert (shape.hidden, shape.layers, shape.intermediate) == (

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from env import plan
-from env.memory import GIB, SHAPES, checkpointed_layers, estimate, seed_settings
-from env.recipe import load_recipe
+from lorabox.env import plan
+from lorabox.env.memory import GIB, SHAPES, checkpointed_layers, estimate, seed_settings
+from lorabox.env.recipe import load_recipe
 
 
 def write_recipe(tmp_path: Path, model: str = "7b", extra: str = "") -> Path:
@@ -48,7 +48,10 @@ def test_json_output_and_exit_1_with_the_fix(tmp_path, capsys):
 def test_bad_recipe_is_exit_2_without_traceback(tmp_path):
     path = write_recipe(tmp_path, extra="  liger_kernel: on\n")
     run = subprocess.run(
-        [sys.executable, "-m", "train.cli", "plan", "--config", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "lorabox.train.cli", "plan", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2
     assert "performance.liger_kernel" in run.stderr and "did you mean" in run.stderr

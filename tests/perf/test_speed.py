@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from env.gpu import GpuInfo, GpuReading
-from env.memory import GIB
-from env.recipe import load_recipe
-from train.speed import choose
+from lorabox.env.gpu import GpuInfo, GpuReading
+from lorabox.env.memory import GIB
+from lorabox.env.recipe import load_recipe
+from lorabox.train.speed import choose
 
 NO_GPU = GpuReading(source="none")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.resilience import checkpoints
+from lorabox.train.resilience import checkpoints
 
 
 def stage(run_dir: Path, step: int, files: dict[str, bytes]) -> Path:

@@ -9,7 +9,7 @@ import sys
 
 PROBE = """
 import json, os, sys, torch
-from train.resilience import determinism
+from lorabox.train.resilience import determinism
 line = determinism.apply(7, sys.argv[1] == "on")
 first = torch.rand(3).tolist()
 determinism.apply(7, sys.argv[1] == "on")

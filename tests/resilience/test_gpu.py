@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from lorabox.train.resilience import checkpoints
 from tests.conftest import REPO
-from train.resilience import checkpoints
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def seven_b_shaped(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.tiny_model import build_tokenizer
+    from lorabox.train.tiny_model import build_tokenizer
 
     directory = tmp_path_factory.mktemp("llama-7b-shaped")
     tokenizer = build_tokenizer()
@@ -51,7 +51,7 @@ def seven_b_shaped(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_real_cuda_oom_backs_off_until_it_fits(seven_b_shaped, tmp_path):
-    words = (REPO / "train" / "data" / "demo-instruction.jsonl").read_text().split()
+    words = (REPO / "train" / "samples" / "demo-instruction.jsonl").read_text().split()
     rows = [{"text": " ".join(words[i : i + 900])} for i in range(0, 40 * 50, 50)]  # ~1000+ tokens each
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -64,7 +64,7 @@ def test_real_cuda_oom_backs_off_until_it_fits(seven_b_shaped, tmp_path):
     )
     run_dir = tmp_path / "run"
     # 6% of an 80 GB H100 is ~4.8 GB: the 4-bit model fits, 32 x 1024 tokens of 32k-vocab logits do not.
-    cmd = [sys.executable, "-m", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "lorabox.train", "--config", str(recipe), "--run-dir", str(run_dir)]
     done = run(cmd, LORABOX_FAULT="gpu-memory-percent:6")
     print(done.output[-4000:])
     assert done.returncode == 0, done.output
@@ -86,7 +86,7 @@ def test_sigterm_during_a_gpu_run_saves_and_exits_143(tmp_path):
         "training: {micro_batch_size: 4, gradient_accumulation: 1, max_steps: 120, save_steps: 2, logging_steps: 1}\n"
     )
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "lorabox.train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
     cmd += ["--num-processes", "1"]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train.resilience.launcher import child_pids
+from lorabox.train.resilience.launcher import child_pids
 
 # Stands in for `accelerate launch` with one process: like accelerate 1.15's simple_launcher it waits for its
 # child, installs no signal handler (SIGTERM would kill it) and turns any failure into exit 1.

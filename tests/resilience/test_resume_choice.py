@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from train.resilience import checkpoints
-from train.resilience.runner import choose_resume
+from lorabox.train.resilience import checkpoints
+from lorabox.train.resilience.runner import choose_resume
 
 
 def make(run_dir, step, complete=True):
@@ -44,9 +44,9 @@ def test_no_resume_ignores_existing_checkpoints_and_says_so(tmp_path, capsys):
 
 
 def test_rank_exit_codes_under_the_launcher(monkeypatch):
-    from train.resilience.runner import FitOutcome
+    from lorabox.train.resilience.runner import FitOutcome
 
-    assert FitOutcome(None, True, 143).process_exit_code == 143  # `python -m train` alone: the real code
+    assert FitOutcome(None, True, 143).process_exit_code == 143  # `python -m lorabox.train` alone: the real code
     monkeypatch.setenv("LORABOX_STATUS_FILE", "/nonexistent/status.json")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert FitOutcome(None, True, 143).process_exit_code == 0  # agreed by all ranks: reported via the status file

@@ -1,5 +1,5 @@
-"""Real `python -m train` / `lorabox train` (accelerate launch) runs on the bundled tiny model: kill -9, SIGTERM, crash
-mid-save, a broken checkpoint, NaN and OOM, each checked against an uninterrupted run's per-step losses."""
+"""Real `python -m lorabox.train` / `lorabox train` (accelerate launch) runs on the bundled tiny model: kill -9,
+SIGTERM, crash mid-save, a broken checkpoint, NaN and OOM, checked against an uninterrupted run's per-step losses."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from lorabox.train.resilience import checkpoints
+from lorabox.train.resilience.launcher import child_pids
 from tests.conftest import REPO
-from train.resilience import checkpoints
-from train.resilience.launcher import child_pids
 
 MAX_STEPS = 6
 RECIPE = f"""
 model:
   name_or_path: bundled:tiny-llama
 data:
-  train_file: {REPO / "train" / "data" / "demo-instruction.jsonl"}
+  train_file: {REPO / "train" / "samples" / "demo-instruction.jsonl"}
   eval_fraction: 0
   max_seq_len: 128
 training:
@@ -49,12 +49,12 @@ def recipe(tmp_path_factory) -> Path:
 
 
 def train_cmd(recipe: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train", "--config", str(recipe), "--run-dir", str(run_dir), *extra]
+    return [sys.executable, "-m", "lorabox.train", "--config", str(recipe), "--run-dir", str(run_dir), *extra]
 
 
 def lorabox_train(recipe: Path, run_dir: Path, processes: int) -> list[str]:
     """The user's command: `lorabox train` picks the accelerate config and runs it through the resilient launcher."""
-    cli = [sys.executable, "-m", "train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
+    cli = [sys.executable, "-m", "lorabox.train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir)]
     return [*cli, "--num-processes", str(processes)]
 
 

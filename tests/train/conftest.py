@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_DATA = REPO / "train" / "data" / "demo-instruction.jsonl"
+DEMO_DATA = REPO / "train" / "samples" / "demo-instruction.jsonl"
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def test_drop_that_leaves_nothing_says_what_to_change(tmp_path, cli, make_recipe
 def test_bad_recipe_stops_the_launcher_before_accelerate(tmp_path, cli, make_recipe, write_jsonl, overrides, expected):
     recipe = make_recipe(tmp_path, write_jsonl(tmp_path / "data.jsonl", [GOOD]))
     args = [a for item in overrides for a in ("--set", item)]
-    done = cli("train.cli", "train", "--config", str(recipe), *args)
+    done = cli("lorabox.train.cli", "train", "--config", str(recipe), *args)
     assert_clean_failure(done, *expected, "Fix them in the YAML file or with --set")
     assert "accelerate" not in done.stdout  # nothing was launched
 
@@ -90,5 +90,7 @@ def test_bad_recipe_stops_the_launcher_before_accelerate(tmp_path, cli, make_rec
 def test_data_error_survives_accelerate_launch(tmp_path, cli, make_recipe):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(GOOD) + "\nnot json\n", encoding="utf-8")
-    done = cli("train.cli", "train", "--config", str(make_recipe(tmp_path, data)), "--run-dir", str(tmp_path / "r"))
+    done = cli(
+        "lorabox.train.cli", "train", "--config", str(make_recipe(tmp_path, data)), "--run-dir", str(tmp_path / "r")
+    )
     assert_clean_failure(done, "data.jsonl:2: not valid JSON", "accelerate config cpu.yaml: no NVIDIA GPU seen")

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def file_fingerprint(path) -> str:
-    """The same digest `python -m train` prints per rank, computed from the saved safetensors file."""
+    """The same digest `python -m lorabox.train` prints per rank, computed from the saved safetensors file."""
     from safetensors.torch import load_file
 
     digest = hashlib.sha256()
@@ -27,7 +27,7 @@ def test_two_process_ddp_saves_the_adapter_every_rank_holds(tmp_path, cli, make_
     recipe = make_recipe(tmp_path, data)
     run_dir = tmp_path / "run"
     done = cli(
-        "train.cli", "train", "--config", str(recipe), "--num-processes", "2", "--run-dir", str(run_dir),
+        "lorabox.train.cli", "train", "--config", str(recipe), "--num-processes", "2", "--run-dir", str(run_dir),
         "--set", "training.max_steps=12", "--set", "data.eval_fraction=0",
     )  # fmt: skip
     output = done.stdout + done.stderr

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def demo_run(tmp_path_factory, cli):
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     # verify has its own tests; skipping it here keeps this file's time on the training path
-    done = cli("train.cli", "demo", "--skip-verify", "--run-dir", str(run_dir))
+    done = cli("lorabox.train.cli", "demo", "--skip-verify", "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return run_dir, done.stdout
 
@@ -32,10 +32,10 @@ def test_demo_shows_a_clear_loss_fall_and_where_everything_is(demo_run):
 def test_merge_writes_a_plain_model_equal_to_base_plus_adapter(demo_run, cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from train.model import load_trained
+    from lorabox.train.model import load_trained
 
     run_dir, _ = demo_run
-    done = cli("train.cli", "train", "merge", str(run_dir), "--out", str(tmp_path / "merged"))
+    done = cli("lorabox.train.cli", "train", "merge", str(run_dir), "--out", str(tmp_path / "merged"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -49,7 +49,7 @@ def test_merge_writes_a_plain_model_equal_to_base_plus_adapter(demo_run, cli, tm
 
 def test_generate_answers_in_the_learned_form(demo_run, cli):
     run_dir, _ = demo_run
-    done = cli("train.cli", "train", "generate", str(run_dir), "--prompt", "What is the opposite of hot?")
+    done = cli("lorabox.train.cli", "train", "generate", str(run_dir), "--prompt", "What is the opposite of hot?")
     assert done.returncode == 0, done.stderr[-2000:]
     # the random base cannot produce this template; the adapter learned it from the demo data
     assert done.stdout.startswith("The opposite of"), done.stdout

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from env.recipe import load_recipe
-from train.outputs import PACKAGES, SUMMARY_KEYS
+from lorabox.env.recipe import load_recipe
+from lorabox.train.outputs import PACKAGES, SUMMARY_KEYS
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def finished_run(tmp_path_factory, cli, make_recipe, write_jsonl, ten_rows):
     work = tmp_path_factory.mktemp("e2e")
     data = write_jsonl(work / "ten.jsonl", ten_rows)
     run_dir = work / "run"
-    done = cli("train.cli", "train", "--config", str(make_recipe(work, data)), "--run-dir", str(run_dir))
+    done = cli("lorabox.train.cli", "train", "--config", str(make_recipe(work, data)), "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return run_dir, data, done.stdout + done.stderr
 
@@ -45,7 +45,7 @@ def test_run_prints_its_decisions_and_trains(finished_run):
 def test_adapter_is_safetensors_only_and_reloads(finished_run):
     from safetensors.torch import load_file
 
-    from train.model import load_trained
+    from lorabox.train.model import load_trained
 
     run_dir, _, _ = finished_run
     adapter = run_dir / "adapter"
@@ -79,6 +79,6 @@ def test_summary_and_provenance_are_complete(finished_run):
 
 
 def test_merge_of_an_unfinished_run_says_what_is_missing(cli, tmp_path):
-    done = cli("train.cli", "train", "merge", str(tmp_path))
+    done = cli("lorabox.train.cli", "train", "merge", str(tmp_path))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a finished lorabox run: expected config.yaml and adapter/adapter_config.json" in done.stderr

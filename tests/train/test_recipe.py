@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from env.recipe import PRESETS, RecipeError, load_recipe
+from lorabox.env.recipe import PRESETS, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "train" / "recipes").glob("*.yaml"))
-LAUNCHER_CONFIGS = sorted((REPO / "env" / "accelerate").glob("*.yaml"))
+LAUNCHER_CONFIGS = sorted((REPO / "train" / "accelerate").glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -46,7 +46,7 @@ def test_every_accelerate_config_parses_with_accelerate(path: Path):
     config = load_config_from_file(str(path))
     assert config.num_processes >= 1
     text = path.read_text(encoding="utf-8")
-    assert text.startswith("# ") and "accelerate launch --config_file env/accelerate/" in text
+    assert text.startswith("# ") and "accelerate launch --config_file train/accelerate/" in text
     deepspeed = (config.deepspeed_config or {}).get("deepspeed_config_file")
     if deepspeed:
         assert json.loads((REPO / deepspeed).read_text())["zero_optimization"]["stage"] == 2

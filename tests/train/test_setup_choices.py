@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from env.gpu import GpuInfo, GpuReading
-from env.recipe import load_recipe
-from train import tiny_model
-from train.data import DataSet, limit_lengths, read_jsonl, to_trl_rows
-from train.launch import ACCELERATE_DIR, choose_accelerate_config
+from lorabox.env.gpu import GpuInfo, GpuReading
+from lorabox.env.recipe import load_recipe
+from lorabox.train import tiny_model
+from lorabox.train.data import DataSet, limit_lengths, read_jsonl, to_trl_rows
+from lorabox.train.launch import ACCELERATE_DIR, choose_accelerate_config
 
 
 def inject(monkeypatch, tmp_path: Path, count: int) -> None:

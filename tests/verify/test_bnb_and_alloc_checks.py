@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from lorabox.verify.checks.base import GIB, Context
+from lorabox.verify.checks.bnb import MATMUL_TOLERANCE, NF4_TOLERANCE, library_cuda
+from lorabox.verify.registry import run_checks
 from tests.conftest import REPO
-from verify.checks.base import GIB, Context
-from verify.checks.bnb import MATMUL_TOLERANCE, NF4_TOLERANCE, library_cuda
-from verify.registry import run_checks
 
 
 def only(check: str, **seams):
@@ -45,7 +45,7 @@ def test_unloadable_native_library_is_caught_although_the_import_succeeds(tmp_pa
     (tmp_path / "bitsandbytes" / "libbitsandbytes_cpu.so").write_bytes(b"not a shared object\n" * 64)
     environ = {**os.environ, "PYTHONPATH": str(tmp_path), "LORABOX_ENV": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "verify", "--only", "bnb", "--json"],
+        [sys.executable, "-m", "lorabox.verify", "--only", "bnb", "--json"],
         cwd=REPO,
         env=environ,
         capture_output=True,
@@ -62,7 +62,7 @@ def test_unloadable_native_library_is_caught_although_the_import_succeeds(tmp_pa
 def test_bnb_cuda_version_override_to_a_missing_library_fails():
     environ = {**os.environ, "BNB_CUDA_VERSION": "99"}
     proc = subprocess.run(
-        [sys.executable, "-m", "verify", "--only", "bnb", "--json"],
+        [sys.executable, "-m", "lorabox.verify", "--only", "bnb", "--json"],
         cwd=REPO,
         env=environ,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""`python -m verify` end to end on this CPU machine, the JSON schema, and exit code 3 when the verifier cannot run."""
+"""`lorabox verify` end to end on this CPU machine, the JSON schema, and exit code 3 when the verifier cannot run."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import sys
 import jsonschema
 import pytest
 
-from env import host
-from env.gpu import FAKE_GPUS_ENV_VAR
+from lorabox.env import host
+from lorabox.env.gpu import FAKE_GPUS_ENV_VAR
+from lorabox.verify.checks.base import Context
+from lorabox.verify.checks.host import MIN_CACHE_FREE
+from lorabox.verify.cli import main
+from lorabox.verify.registry import CHECKS, run_checks
 from tests.conftest import REPO
-from verify.checks.base import Context
-from verify.checks.host import MIN_CACHE_FREE
-from verify.cli import main
-from verify.registry import CHECKS, run_checks
 
 SCHEMA = json.loads((REPO / "verify" / "schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -26,7 +26,7 @@ CPU_ONLY = "cpu-only machine: the GPU checks are only skipped where there is no 
 def run_verify(*args: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in (FAKE_GPUS_ENV_VAR, "LORABOX_MANIFEST")}
     return subprocess.run(
-        [sys.executable, "-m", "verify", *args], cwd=REPO, env=environ, capture_output=True, text=True
+        [sys.executable, "-m", "lorabox.verify", *args], cwd=REPO, env=environ, capture_output=True, text=True
     )
 
 
@@ -128,4 +128,4 @@ def test_a_crashing_check_is_exit_3_and_the_others_still_run():
 
 
 def test_config_fit_is_the_last_check():
-    assert CHECKS[-1] == "verify.checks.config_fit" and CHECKS[0] == "verify.checks.gpu"
+    assert CHECKS[-1] == "lorabox.verify.checks.config_fit" and CHECKS[0] == "lorabox.verify.checks.gpu"

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from env.gpu import FAKE_GPUS_ENV_VAR, GpuInfo, GpuReading
-from env.host import HostPaths
-from verify.checks.base import Context, TorchFacts
-from verify.checks.gpu import covers
-from verify.cli import main
-from verify.registry import run_checks
+from lorabox.env.gpu import FAKE_GPUS_ENV_VAR, GpuInfo, GpuReading
+from lorabox.env.host import HostPaths
+from lorabox.verify.checks.base import Context, TorchFacts
+from lorabox.verify.checks.gpu import covers
+from lorabox.verify.cli import main
+from lorabox.verify.registry import run_checks
 
 CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 CU128_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from env import gpu, host
-from env.gpu import GpuInfo, GpuReading
-from env.host import HostPaths
+from lorabox.env import gpu, host
+from lorabox.env.gpu import GpuInfo, GpuReading
+from lorabox.env.host import HostPaths
+from lorabox.verify.checks.base import Context
+from lorabox.verify.registry import run_checks
 from tests.conftest import REPO
-from verify.checks.base import Context
-from verify.registry import run_checks
 
 WSL_KERNEL = "Linux version 5.15.153.1-microsoft-standard-WSL2 (root@1c602f52c2e4) (gcc (GCC) 11.2.0) #1 SMP\n"
 NATIVE_KERNEL = "Linux version 6.8.0-45-generic (buildd@lcy02-amd64-115) (x86_64-linux-gnu-gcc-13) #45-Ubuntu SMP\n"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from lorabox.verify.checks.base import Context, TorchFacts
+from lorabox.verify.expected import environment_name
+from lorabox.verify.registry import run_checks
 from tests.conftest import REPO
-from verify.checks.base import Context, TorchFacts
-from verify.expected import environment_name
-from verify.registry import run_checks
 
 UNDEFINED_SYMBOL = (
     "/opt/conda/lib/python3.11/site-packages/peft/_C.cpython-311-x86_64-linux-gnu.so: "

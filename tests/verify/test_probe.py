@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from lorabox.verify import probe
+from lorabox.verify.checks.base import Context, TorchFacts
+from lorabox.verify.registry import run_checks
 from tests.conftest import REPO
-from verify import probe
-from verify.checks.base import Context, TorchFacts
-from verify.registry import run_checks
 
 SEGFAULT = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
 
@@ -23,7 +23,7 @@ def verify_json(pythonpath: Path, *checks: str) -> tuple[int, dict]:
     environ = {**os.environ, "PYTHONPATH": str(pythonpath), "LORABOX_ENV": "cpu"}
     only = [arg for check in checks for arg in ("--only", check)]
     proc = subprocess.run(
-        [sys.executable, "-m", "verify", *only, "--json"], cwd=REPO, env=environ, capture_output=True, text=True
+        [sys.executable, "-m", "lorabox.verify", *only, "--json"], cwd=REPO, env=environ, capture_output=True, text=True
     )
     return proc.returncode, {check["id"]: check for check in json.loads(proc.stdout)["checks"]}
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from importlib import import_module
 
 _LAZY = {
-    "fit": "train.resilience.runner",
-    "FitOutcome": "train.resilience.runner",
-    "EXIT_OOM": "train.resilience.runner",
-    "EXIT_NONFINITE": "train.resilience.runner",
-    "EXIT_BAD_RESUME": "train.resilience.runner",
-    "ResilientTrainerMixin": "train.resilience.trainer_mixin",
-    "NonFiniteLoss": "train.resilience.trainer_mixin",
+    "fit": "lorabox.train.resilience.runner",
+    "FitOutcome": "lorabox.train.resilience.runner",
+    "EXIT_OOM": "lorabox.train.resilience.runner",
+    "EXIT_NONFINITE": "lorabox.train.resilience.runner",
+    "EXIT_BAD_RESUME": "lorabox.train.resilience.runner",
+    "ResilientTrainerMixin": "lorabox.train.resilience.trainer_mixin",
+    "NonFiniteLoss": "lorabox.train.resilience.trainer_mixin",
 }
 
 __all__ = sorted(_LAZY)
@@ -24,4 +24,4 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'train.resilience' has no attribute {name!r}")
+    raise AttributeError(f"module 'lorabox.train.resilience' has no attribute {name!r}")

@@ -65,7 +65,9 @@ def launch(cmd: list[str]) -> int:
     """Run the `accelerate launch ...` command `cmd`, forwarding stop signals to its ranks; return the exit code."""
     status = Path(tempfile.gettempdir()) / f"lorabox-status-{os.getpid()}.json"
     status.unlink(missing_ok=True)
-    env = {**os.environ, STATUS_ENV: str(status)}
+    # PYTHONSAFEPATH: accelerate and the ranks never put the working directory on sys.path, so a user's own
+    # accelerate.py or lorabox.py beside their data cannot replace the modules we start.
+    env = {**os.environ, STATUS_ENV: str(status), "PYTHONSAFEPATH": "1"}
     received: list[int] = []
     delivered = 0
 

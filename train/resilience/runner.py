@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from train.resilience import checkpoints, faults
-from train.resilience.launcher import STATUS_ENV
-from train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
+from lorabox.train.resilience import checkpoints, faults
+from lorabox.train.resilience.launcher import STATUS_ENV
+from lorabox.train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
 
 # Stable exit codes (signals follow the shell's 128 + N: 143 SIGTERM, 130 SIGINT).
 EXIT_OK = 0

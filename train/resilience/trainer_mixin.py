@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from train.resilience import checkpoints, faults
+from lorabox.train.resilience import checkpoints, faults
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from env.gpu import GpuReading, read_gpus
-from env.host import HostPaths
-from verify.probe import Probe
+from lorabox.env.gpu import GpuReading, read_gpus
+from lorabox.env.host import HostPaths
+from lorabox.verify.probe import Probe
 
 # Checks return the first four; "error" is set only by the registry when a check itself crashes.
 Status = Literal["pass", "fail", "warn", "skip", "error"]

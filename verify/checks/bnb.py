@@ -10,9 +10,9 @@ import os
 import re
 import warnings
 
-from verify.checks.base import CheckResult, Context
-from verify.checks.imports import installed_version
-from verify.expected import environment_name, reinstall_fix
+from lorabox.verify.checks.base import CheckResult, Context
+from lorabox.verify.checks.imports import installed_version
+from lorabox.verify.expected import environment_name, reinstall_fix
 
 ID = "bitsandbytes"
 TITLE = "bitsandbytes native kernels"

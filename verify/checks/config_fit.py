@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from env.memory import GIB, estimate
-from env.plan import DEFAULT_MARGIN, auto_fit, fits, liger_choice, resolve_shape, settings_from_recipe, suggest_fix
-from verify.checks.base import CheckResult, Context
+from lorabox.env.memory import GIB, estimate
+from lorabox.env.plan import (
+    DEFAULT_MARGIN,
+    auto_fit,
+    fits,
+    liger_choice,
+    resolve_shape,
+    settings_from_recipe,
+    suggest_fix,
+)
+from lorabox.verify.checks.base import CheckResult, Context
 
 ID = "config_fit"
 TITLE = "Config fit (planned peak memory vs free GPU memory)"
@@ -13,7 +21,7 @@ TITLE = "Config fit (planned peak memory vs free GPU memory)"
 def run(ctx: Context) -> CheckResult:
     if ctx.config is None:
         return CheckResult(ID, TITLE, "skip", "no --config given; add --config my.yaml to check a training recipe")
-    from env.recipe import RecipeError, load_recipe
+    from lorabox.env.recipe import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(ctx.config, ctx.overrides)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from env import host
-from env.compat import BNB_MIN_CAPABILITY_4BIT, MINOR_VERSION_FLOORS, driver_floor, driver_meets, version_tuple
-from verify.checks.base import GIB, CheckResult, Context, TorchFacts
-from verify.expected import expected, reinstall_fix
+from lorabox.env import host
+from lorabox.env.compat import BNB_MIN_CAPABILITY_4BIT, MINOR_VERSION_FLOORS, driver_floor, driver_meets, version_tuple
+from lorabox.verify.checks.base import GIB, CheckResult, Context, TorchFacts
+from lorabox.verify.expected import expected, reinstall_fix
 
 ID = "gpu"
 TITLE = "GPU, driver and torch CUDA build"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from env import host
-from verify.checks.base import GIB, CheckResult, Context
+from lorabox.env import host
+from lorabox.verify.checks.base import GIB, CheckResult, Context
 
 ID = "host"
 TITLE = "Host: WSL2, container, shared memory, disk, RAM, HF cache"

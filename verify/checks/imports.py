@@ -7,9 +7,9 @@ import importlib.metadata
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from verify.checks.base import CheckResult, Context
-from verify.expected import Expected, expected, reinstall_fix
-from verify.probe import PACKAGES
+from lorabox.verify.checks.base import CheckResult, Context
+from lorabox.verify.expected import Expected, expected, reinstall_fix
+from lorabox.verify.probe import PACKAGES
 
 ID = "imports"
 TITLE = "Imports and versions"
