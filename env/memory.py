@@ -109,7 +109,9 @@ class RunSettings:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = PROJECTIONS
     lora_dropout: float = 0.05
-    lora_bytes: int = 2  # TRL casts adapters of a quantised model to bf16; plain PEFT keeps them fp32 (4)
+    # fp32 adapters: PEFT's default, which LoraboxTrainer restores after TRL's bf16 cast (2 only under FSDP, where
+    # adapters share the 4-bit storage dtype); env.runplan.RunPlan sets it from its adapter_dtype decision
+    lora_bytes: int = 4
     upcast_non_quantized: bool = False  # peft.prepare_model_for_kbit_training: norms/embeddings/lm_head to fp32
     checkpoint_every: int = 1  # 0 off, 1 every layer, n: every n-th layer (transformers' every_n_layers)
     optimizer: str = "paged_adamw_8bit"
@@ -147,7 +149,7 @@ class Estimate:
         return sum(self.components.values())
 
     @property
-    def device_total(self) -> int:
+    def planned_peak(self) -> int:
         """What the card must have free: allocated + allocator slack + CUDA context."""
         return int(self.peak_allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
 
@@ -158,7 +160,7 @@ class Estimate:
             "components_bytes": dict(self.components),
             "peak_phase": self.phase,
             "peak_allocated_bytes": self.peak_allocated,
-            "device_total_bytes": self.device_total,
+            "planned_peak_bytes": self.planned_peak,
         }
 
 

@@ -142,10 +142,6 @@ class Recipe(Section):
         body = {k: v for k, v in self.to_dict().items() if k != "output_dir"}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
-    def gradient_checkpointing_on(self) -> bool:
-        """The recipe's explicit choice; 'auto' means on until the planner (train.speed) decides otherwise."""
-        return self.performance.gradient_checkpointing != "off"
-
 
 # name -> (what it is for, partial recipe). GPU presets set batch/length/checkpointing, task presets set LoRA,
 # so one of each composes: `preset: [gpu-12gb, code]`.

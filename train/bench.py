@@ -16,11 +16,11 @@ from lorabox.train.benchkit import (
     build_model_dir,
     build_tokenizer,
     make_samples,
+    release,
     run_lorabox,
     run_seed,
     token_dataset,
 )
-from lorabox.train.speed import SpeedChoices, planned
 
 EXIT_OK, EXIT_GUARD_FAILED, EXIT_USAGE, EXIT_NEEDS_GPU = 0, 1, 2, 3
 # Correctness guard: the first step's loss (same weights, same batch, before any update) must agree to 1% (bf16
@@ -145,14 +145,19 @@ def measure(args, cuda: bool, device_name: str | None) -> int:
         f"device {device_name or 'cpu'}"
     )
     recipe = bench_recipe(model_dir, args)
+    from lorabox.train.run import plan_here
+
+    release(cuda)  # the random weights built on the GPU leave the cache: the plan reads the card's free memory
+    plan = plan_here(recipe)  # lorabox train's plan for this recipe on this machine
+    for reason in plan.reasons():
+        print(f"  lorabox plan: {reason}")
     seed = run_seed(model_dir, tokenizer, rows, args, shape, cuda, device_name)
-    ours = run_lorabox(model_dir, tokenizer, rows, args, shape, cuda, device_name, recipe)
+    ours = run_lorabox(model_dir, tokenizer, rows, args, shape, cuda, device_name, recipe, plan)
     # the planner's prediction for each path, next to what was measured (fixed rows carry no attention mask)
     fixed = args.data == "fixed"
     seed_plan = replace(seed_settings(args.batch, args.seq), attention_mask=not fixed)
     seed["planned_gib"] = estimate(shape, seed_plan).peak_allocated / GIB
-    _, settings = planned(recipe, SpeedChoices(**ours["choices"]))
-    ours["planned_gib"] = estimate(shape, replace(settings, attention_mask=not fixed)).peak_allocated / GIB
+    ours["planned_gib"] = estimate(shape, replace(plan.memory, attention_mask=not fixed)).peak_allocated / GIB
 
     def ratio(key):
         return ours[key] / seed[key] if seed.get(key) and ours.get(key) is not None else None

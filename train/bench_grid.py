@@ -6,15 +6,16 @@ import gc
 from dataclasses import replace
 
 from lorabox.env.memory import GIB, SHAPES, estimate
-from lorabox.env.plan import settings_from_recipe
 from lorabox.train.benchkit import (
     bench_recipe,
     build_model_dir,
     build_tokenizer,
     make_samples,
+    release,
     run_lorabox,
     token_dataset,
 )
+from lorabox.train.run import plan_here
 
 
 def plan_grid(args, device_name: str | None) -> dict:
@@ -32,12 +33,13 @@ def plan_grid(args, device_name: str | None) -> dict:
                     for liger in ("off", "on"):
                         args.batch, args.seq, args.steps, args.warmup = batch, seq, 3, 1
                         recipe = bench_recipe(model_dir, args, {"gradient_checkpointing": ckpt, "liger_kernels": liger})
+                        release(True)
+                        plan = plan_here(recipe)  # what lorabox train would run (Liger only where installed)
                         # fixed-length rows carry no mask, so SDPA keeps GQA's k/v unexpanded
-                        settings = replace(settings_from_recipe(recipe, liger == "on"), attention_mask=False)
-                        predicted = estimate(shape, settings).peak_allocated / GIB
+                        predicted = estimate(shape, replace(plan.memory, attention_mask=False)).peak_allocated / GIB
                         rows = token_dataset(make_samples(8 * batch, seq, shape.vocab, "fixed"))
                         try:
-                            r = run_lorabox(model_dir, tokenizer, rows, args, shape, True, device_name, recipe)
+                            r = run_lorabox(model_dir, tokenizer, rows, args, shape, True, device_name, recipe, plan)
                             measured = r["peak_allocated_gib"]
                         except torch.OutOfMemoryError:
                             measured = None
@@ -51,6 +53,7 @@ def plan_grid(args, device_name: str | None) -> dict:
                                 "seq": seq,
                                 "ckpt": ckpt,
                                 "liger": liger,
+                                "liger_used": plan.liger.value,
                                 "predicted_gib": predicted,
                                 "measured_gib": measured,
                                 "error": error,

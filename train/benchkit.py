@@ -82,7 +82,8 @@ def build_model_dir(shape: ModelShape, root: Path, device: str) -> Path:
     return root
 
 
-def load_4bit(model_dir: Path, device: str, **kwargs):
+def load_4bit(model_dir: Path, device: str):
+    """The seed recipe's base: NF4 with double quantisation, bf16 compute, SDPA attention."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -92,9 +93,8 @@ def load_4bit(model_dir: Path, device: str, **kwargs):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    kwargs.setdefault("attn_implementation", "sdpa")
     return AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device}, **kwargs
+        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device}, attn_implementation="sdpa"
     )
 
 
@@ -160,6 +160,7 @@ def measure(name: str, trainer, args, shape: ModelShape, cuda: bool, device_name
         "mfu": rate * flops / (peak * 1e12) if peak else None,
         "mfu_6n": rate * flops_6n / (peak * 1e12) if peak else None,
         "losses": losses,
+        "trainer": type(trainer).__name__,
     }
     return result
 
@@ -215,36 +216,40 @@ def run_seed(model_dir, tokenizer, dataset, args, shape, cuda, device_name) -> d
 
 
 def bench_recipe(model_dir: Path, args, overrides: dict | None = None):
+    """A lorabox recipe for the bench run: its LoRA section defaults to the seed's adapter (r=16, alpha 32, dropout
+    0.05, all 7 projections); the schedule matches the seed side (constant rate, no warmup, no checkpoints)."""
     from lorabox.env.recipe import Recipe
 
     return Recipe.model_validate(
         {
             "model": {"name_or_path": str(model_dir)},
             "data": {"train_file": "bench.jsonl", "max_seq_len": args.seq},
-            "training": {"micro_batch_size": args.batch, "gradient_accumulation": 1},
+            "training": {
+                "micro_batch_size": args.batch,
+                "gradient_accumulation": 1,
+                "max_steps": args.steps,
+                "learning_rate": args.lr,
+                "lr_scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "logging_steps": 1,
+                "save_steps": args.steps + 1,  # nothing saved during the measurement
+                "seed": 0,
+            },
             "performance": overrides or {},
         }
     )
 
 
-def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, recipe) -> dict:
-    """lorabox's path: train.model's LoRA wrapping, TRL SFTTrainer, every train.speed decision applied."""
-    from trl import SFTConfig, SFTTrainer
+def run_lorabox(model_dir, tokenizer, dataset, args, shape, cuda, device_name, recipe, plan) -> dict:
+    """lorabox's path as `lorabox train` runs it: train.run's model setup, the run plan, sft_config, LoraboxTrainer."""
+    from lorabox.train.run import load_model
+    from lorabox.train.trainer import LoraboxTrainer, sft_config
 
-    from lorabox.env.gpu import read_gpus
-    from lorabox.train.model import add_lora
-    from lorabox.train.speed import choose
-
-    choices = choose(recipe, read_gpus())
-    for reason in choices.reasons:
-        print(f"  lorabox: {reason}")
     release(cuda)
-    model = load_4bit(model_dir, "cuda" if cuda else "cpu", **choices.model_kwargs)
-    # the recipe's LoRA section defaults to the seed's adapter (r=16, alpha 32, dropout 0.05, all 7 projections)
-    model = add_lora(model, recipe, choices.sft_kwargs.get("activation_checkpointing", True))
-    config = SFTConfig(**{**training_args(args, cuda), "max_length": args.seq, **choices.sft_kwargs})
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    return {**measure("lorabox", trainer, args, shape, cuda, device_name), "choices": choices.to_dict()}
+    model = load_model(recipe, plan, str(model_dir))
+    config = sft_config(plan, recipe, Path(tempfile.mkdtemp(prefix="trainer-", dir=args.scratch)), False, {})
+    trainer = LoraboxTrainer(plan=plan, model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    return {**measure("lorabox", trainer, args, shape, cuda, device_name), "plan": plan.to_dict()}
 
 
 def token_dataset(rows: list[list[int]]):

@@ -16,23 +16,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def choose_dtype(recipe: Recipe) -> tuple[str, str]:
-    """('bf16'|'fp16'|'fp32', why). CPU always computes in fp32; 'auto' prefers bf16 where the GPU has it."""
-    wanted = recipe.model.compute_dtype
-    if not torch.cuda.is_available():
-        why = "no CUDA GPU: the CPU computes in fp32 (bf16/fp16 matmuls on CPU are slow or unsupported)"
-        return "fp32", why + ("" if wanted in ("auto", "fp32") else f"; model.compute_dtype={wanted} ignored")
-    name = torch.cuda.get_device_name()
-    major, minor = torch.cuda.get_device_capability()
-    if wanted != "auto":
-        if wanted == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                f"model.compute_dtype=bf16, but {name} (sm_{major}{minor}) has no bf16; "
-                "use --set model.compute_dtype=fp16"
-            )
-        return wanted, f"model.compute_dtype={wanted} set in the recipe"
-    if torch.cuda.is_bf16_supported():
-        return "bf16", f"{name} (sm_{major}{minor}) supports bf16: fp32's range, no loss scaling needed"
-    return "fp16", f"{name} (sm_{major}{minor}) has no bf16 (needs sm_80+): fp16 with loss scaling"
+    """('bf16'|'fp16'|'fp32', why) for this process's device, by the run plan's rule (env.decide.dtype_choice)."""
+    from lorabox.env.decide import dtype_choice
+    from lorabox.env.runplan import Target
+
+    if torch.cuda.is_available():
+        name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        target = Target.card(None, name, capability=capability)
+    else:
+        target = Target(False, "cpu", why_not_cuda="no CUDA GPU")
+    decision = dtype_choice(recipe.model.compute_dtype, target)
+    return decision.value, decision.reason
 
 
 def load_tokenizer(recipe: Recipe, name_or_path: str):

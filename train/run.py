@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabox.env.recipe import Recipe, RecipeError, load_recipe
+from lorabox.env.runplan import RunPlan
 from lorabox.train.data import DataError, DataSet, read_jsonl
 
 EXAMPLES = """\
@@ -60,13 +61,12 @@ def say(message: str) -> None:
 class Setup:
     """Everything `make_trainer` needs, built once (the trainer itself may be rebuilt on OOM back-off)."""
 
-    recipe: Recipe  # with the planner's micro-batch, when it chose one
+    plan: RunPlan
     model: Any
     tokenizer: Any
     train_dataset: Any
     eval_dataset: Any
-    dtype: str
-    sft_extra: dict[str, Any] = field(default_factory=dict)
+    loss_keys: dict[str, bool] = field(default_factory=dict)
 
 
 def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
@@ -82,40 +82,50 @@ def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
     return train, evaluation
 
 
-def setup(recipe: Recipe, train_data: DataSet, eval_data: DataSet | None) -> Setup:
-    from lorabox.env.gpu import read_gpus
-    from lorabox.train import speed
-    from lorabox.train.data import build_datasets
-    from lorabox.train.model import add_lora, choose_dtype, load_base_model, load_tokenizer, resolve_name
+def plan_here(recipe: Recipe) -> RunPlan:
+    """The run plan for this process's machine: the driver's GPU reading (NVML, before anything initialises CUDA)
+    and whether this torch can use it."""
+    import torch
 
-    choices = speed.choose(recipe, read_gpus())  # NVML reading: before anything initialises CUDA
-    for reason in choices.reasons:
+    from lorabox.env.decide import plan_run
+    from lorabox.env.gpu import read_gpus
+    from lorabox.env.runplan import Target
+
+    why = f"torch {torch.__version__} cannot use the GPU (CPU build or CUDA unavailable)"
+    target = Target.from_reading(read_gpus(), torch.cuda.is_available(), why)
+    return plan_run(recipe, target, fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+def load_model(recipe: Recipe, plan: RunPlan, name: str):
+    """The base model as the plan says (dtype, attention), wrapped once in its LoRA adapter."""
+    from lorabox.train.model import add_lora, load_base_model
+
+    model = load_base_model(recipe, name, plan.dtype.value, {"attn_implementation": plan.attention.value})
+    quant = f"4-bit {recipe.model.quant_type}" if recipe.model.load_in_4bit else "unquantised"
+    say(f"base model {recipe.model.name_or_path} loaded ({quant}, double quant {recipe.model.double_quant})")
+    model = add_lora(model, recipe, plan.checkpointing.value > 0)
+    trainable, total = model.get_nb_trainable_parameters()
+    say(f"LoRA r={recipe.lora.r} alpha={recipe.lora.alpha}: {trainable:,} trainable of {total:,} parameters")
+    return model
+
+
+def setup(recipe: Recipe, train_data: DataSet, eval_data: DataSet | None) -> Setup:
+    from lorabox.train.data import build_datasets
+    from lorabox.train.model import load_tokenizer, resolve_name
+
+    plan = plan_here(recipe)
+    for reason in plan.reasons():
         say(reason)
-    sft_extra = dict(choices.sft_kwargs)
-    # A micro-batch chosen by the planner (performance.auto_fit) is where fit() starts its OOM back-off from.
-    fitted = {"per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "gradient_accumulation"}
-    update = {ours: sft_extra.pop(theirs) for theirs, ours in fitted.items() if theirs in sft_extra}
-    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update=update)})
-    dtype, why = choose_dtype(recipe)
-    say(f"compute dtype {dtype}: {why}")
     name = resolve_name(recipe)
     tokenizer = load_tokenizer(recipe, name)
-    # Padding-free batches without packing cannot be truncated by TRL (max_length=None), so long rows are dropped.
-    can_truncate = sft_extra.get("max_length", recipe.data.max_seq_len) is not None
-    train_dataset, eval_dataset, data_extra, report = build_datasets(
-        recipe, train_data, eval_data, tokenizer, can_truncate
+    # Padding-free batches without packing cannot be truncated by TRL, so long rows are dropped instead.
+    train_dataset, eval_dataset, loss_keys, report = build_datasets(
+        recipe, train_data, eval_data, tokenizer, not plan.padding_free.value
     )
     for line in report:
         say(line)
-    sft_extra |= data_extra
-    sft_extra["has_eval"] = eval_dataset is not None
-    model = load_base_model(recipe, name, dtype, choices.model_kwargs)
-    quant = f"4-bit {recipe.model.quant_type}" if recipe.model.load_in_4bit else "unquantised"
-    say(f"base model {recipe.model.name_or_path} loaded ({quant}, double quant {recipe.model.double_quant})")
-    model = add_lora(model, recipe, sft_extra.get("activation_checkpointing", recipe.gradient_checkpointing_on()))
-    trainable, total = model.get_nb_trainable_parameters()
-    say(f"LoRA r={recipe.lora.r} alpha={recipe.lora.alpha}: {trainable:,} trainable of {total:,} parameters")
-    return Setup(recipe, model, tokenizer, train_dataset, eval_dataset, dtype, sft_extra)
+    model = load_model(recipe, plan, name)
+    return Setup(plan, model, tokenizer, train_dataset, eval_dataset, loss_keys)
 
 
 def adapter_fingerprint(model) -> str:
@@ -191,13 +201,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
         ready = setup(recipe, train_data, eval_data)
     except (DataError, ValueError, OSError) as error:  # unloadable model, bad dtype for this GPU, empty data
         return user_error(error)
-    recipe = ready.recipe
 
     from lorabox.train.trainer import LoraboxTrainer, MetricsFile, sft_config
 
-    def make_trainer(micro_batch: int, grad_accum: int) -> LoraboxTrainer:
-        config = sft_config(recipe, run_dir, micro_batch, grad_accum, ready.dtype, dict(ready.sft_extra))
+    def make_trainer(plan: RunPlan) -> LoraboxTrainer:
+        config = sft_config(plan, recipe, run_dir, ready.eval_dataset is not None, ready.loss_keys)
         return LoraboxTrainer(
+            plan=plan,
             model=ready.model,
             args=config,
             train_dataset=ready.train_dataset,
@@ -208,8 +218,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
 
     from lorabox.train.resilience import fit
 
-    # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, backs off on OOM, guards NaN.
-    outcome = fit(make_trainer, recipe, run_dir, args.resume or ("never" if args.no_resume else "auto"))
+    # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, guards NaN, and on OOM derives a
+    # smaller-micro-batch plan from this one.
+    outcome = fit(make_trainer, ready.plan, recipe, run_dir, args.resume or ("never" if args.no_resume else "auto"))
     if outcome.exit_code != 0:  # stopped or failed: the checkpoints are the output, not a "final" adapter
         return outcome.process_exit_code
     trainer = outcome.trainer

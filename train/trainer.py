@@ -12,6 +12,8 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lorabox.env.recipe import Recipe
+from lorabox.env.runplan import RunPlan
+from lorabox.train.model import DTYPES
 from lorabox.train.resilience import ResilientTrainerMixin
 
 
@@ -39,15 +41,16 @@ class MetricsFile(TrainerCallback):
 class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
     """SFTTrainer with throughput in the logs (so the progress bar, TensorBoard and metrics.jsonl all show it)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, plan: RunPlan, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # TRL casts QLoRA adapters to bf16, which fp16-only GPUs (T4, RTX 20xx) cannot run and which makes CPU runs
-        # slow; PEFT's own default keeps adapters in fp32 under bf16/fp16 autocast, so restore that. Not under FSDP:
-        # it flattens each wrapped block into one tensor, so adapters must share the 4-bit storage dtype.
-        if not self.is_fsdp_enabled:
-            for param in self.model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
+        # The plan's adapter dtype, which the planner's memory estimate also counts: TRL casts a quantised model's
+        # adapters to bf16, which fp16-only GPUs (T4, RTX 20xx) cannot train and which makes CPU runs slow, so they
+        # go back to PEFT's fp32; under FSDP the plan says the compute dtype, the 4-bit storage dtype it shards with.
+        dtype = DTYPES[plan.adapter_dtype.value]
+        for param in self.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+        self.plan = plan
         self._last_log = (time.perf_counter(), 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -60,45 +63,54 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
         super().log(logs, start_time)
 
 
-def sft_config(
-    recipe: Recipe, run_dir: Path, micro_batch: int, grad_accum: int, dtype: str, extra: dict[str, Any]
-) -> SFTConfig:
-    """Map the recipe onto SFTConfig; `extra` carries the data-format keys and train.speed's choices."""
+# The loss-mask keys train.data picks for each data shape (prompt/completion rows, chat with generation markers).
+LOSS_KEYS = {"completion_only_loss": None, "assistant_only_loss": False}  # SFTConfig's defaults
+
+
+def sft_config(plan: RunPlan, recipe: Recipe, run_dir: Path, has_eval: bool, loss_keys: dict[str, bool]) -> SFTConfig:
+    """The one place that speaks TRL's argument names: the plan's decisions and the recipe's values, nothing else."""
+    unknown = sorted(set(loss_keys) - set(LOSS_KEYS))
+    if unknown:
+        raise ValueError(f"not a loss-mask key: {unknown}; expected some of {sorted(LOSS_KEYS)}")
     training = recipe.training
-    has_eval = extra.pop("has_eval", False)
     eval_steps = training.eval_steps or training.save_steps
-    kwargs: dict[str, Any] = {
-        "output_dir": str(run_dir),  # checkpoint-N dirs sit in the run dir, where resume looks
-        "per_device_train_batch_size": micro_batch,
-        "per_device_eval_batch_size": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "num_train_epochs": training.epochs,
-        "max_steps": training.max_steps,
-        "learning_rate": training.learning_rate,
-        "lr_scheduler_type": training.lr_scheduler,
-        "warmup_steps": training.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        "weight_decay": training.weight_decay,
-        "max_grad_norm": training.max_grad_norm,
-        "optim": training.optimizer,
-        "seed": training.seed,
-        "data_seed": training.seed,
-        "logging_steps": training.logging_steps,
-        "logging_first_step": True,
-        "save_steps": training.save_steps,
-        "save_total_limit": training.save_total_limit,
-        "eval_strategy": "steps" if has_eval else "no",
-        "eval_steps": eval_steps if has_eval else None,
-        "bf16": dtype == "bf16",
-        "fp16": dtype == "fp16",
-        "use_cpu": not torch.cuda.is_available(),
-        "activation_checkpointing": recipe.gradient_checkpointing_on(),
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
-        "report_to": ["tensorboard"],
-        "include_num_input_tokens_seen": "non_padding",
-        "max_length": recipe.data.max_seq_len,
-        "packing": recipe.data.packing,
-        "ddp_find_unused_parameters": False,
-        "dataset_num_proc": None,
-    }
-    kwargs.update(extra)
-    return SFTConfig(**kwargs)
+    every = plan.checkpointing.value
+    return SFTConfig(
+        output_dir=str(run_dir),  # checkpoint-N dirs sit in the run dir, where resume looks
+        per_device_train_batch_size=plan.micro_batch.value,
+        per_device_eval_batch_size=plan.micro_batch.value,
+        gradient_accumulation_steps=plan.grad_accum.value,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=training.optimizer,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        bf16=plan.dtype.value == "bf16",
+        fp16=plan.dtype.value == "fp16",
+        use_cpu=not plan.target.cuda,
+        activation_checkpointing=every > 0,
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": max(every, 1)},
+        use_liger_kernel=plan.liger.value,
+        padding_free=plan.padding_free.value,
+        torch_compile=plan.torch_compile.value,
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="non_padding",
+        # TRL refuses max_length in padding-free mode without packing: train.data truncates or drops instead
+        max_length=None if plan.padding_free.value else recipe.data.max_seq_len,
+        packing=recipe.data.packing,
+        completion_only_loss=loss_keys.get("completion_only_loss", LOSS_KEYS["completion_only_loss"]),
+        assistant_only_loss=loss_keys.get("assistant_only_loss", LOSS_KEYS["assistant_only_loss"]),
+        ddp_find_unused_parameters=False,
+        dataset_num_proc=None,
+    )

@@ -38,8 +38,24 @@ def test_quick_runs_both_paths_and_writes_json(quick):
         assert len(result["losses"]) == report["steps"]
         assert result["peak_allocated_gib"] is None  # CPU: not measured, and not invented
     assert report["ratios"]["tokens_per_s"] > 0
-    assert report["results"][1]["choices"]["reasons"]
     assert "lorabox/seed" in run.stdout and "loss guard" in run.stdout
+
+
+@pytest.mark.slow
+def test_quick_lorabox_side_is_lorabox_trains_path(quick):
+    """The lorabox side runs the plan, model setup and trainer of `lorabox train`; the seed side HF's Trainer."""
+    run, out = quick
+    seed, ours = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert (seed["trainer"], ours["trainer"]) == ("Trainer", "LoraboxTrainer")
+    decisions = ours["plan"]["decisions"]
+    assert decisions["micro_batch"]["value"] == 2 and decisions["adapter_dtype"]["value"] == "fp32"
+    # the plan lorabox train prints, line by line, and train.run's own model-setup lines
+    for line in (
+        "lorabox plan: micro-batch 2: training.micro_batch_size in the recipe",
+        "lorabox plan: LoRA adapters fp32",
+    ):
+        assert line in run.stdout
+    assert "lorabox: LoRA r=16 alpha=32:" in run.stdout
 
 
 @pytest.mark.slow

@@ -40,7 +40,9 @@ def test_does_not_fit_and_names_the_fix(tmp_path):
     result = config_fit.run(Context(config=recipe(tmp_path, batch=16, seq=4096), gpu=card(11.5)))
     assert result.status == "fail"
     assert "run out of memory" in result.message
+    assert result.fix.startswith("this fits (")  # re-planned before it was printed
     assert "--set training.micro_batch_size=" in result.fix or "--set data.max_seq_len=" in result.fix
+    assert result.values["fits_with"] and result.values["plan"]["micro_batch"] == 16
 
 
 def test_overrides_reach_the_plan(tmp_path):

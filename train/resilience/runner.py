@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lorabox.env.runplan import RunPlan
 from lorabox.train.resilience import checkpoints, faults
 from lorabox.train.resilience.launcher import STATUS_ENV
 from lorabox.train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
@@ -105,13 +106,6 @@ def _load_finished(trainer: Any, checkpoint: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
-def _smaller_micro_batch(micro: int, accum: int) -> tuple[int, int]:
-    """Halve the micro-batch (or the nearest divisor below) and raise accumulation to keep the effective batch."""
-    effective = micro * accum
-    new_micro = max(d for d in range(1, micro // 2 + 1) if effective % d == 0)
-    return new_micro, effective // new_micro
-
-
 def _memory_seen(exc: BaseException) -> str:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if not torch.cuda.is_available():
@@ -169,9 +163,10 @@ def _release(trainer: Any) -> None:
 
 
 def fit(
-    make_trainer: Callable[[int, int], Any], recipe: Any, run_dir: Path, resume: str | Path | None = None
+    make_trainer: Callable[[RunPlan], Any], plan: RunPlan, recipe: Any, run_dir: Path, resume: str | Path | None = None
 ) -> FitOutcome:
-    """Train with `make_trainer(micro_batch, grad_accum)` (a fresh model each call), resuming and recovering."""
+    """Train with `make_trainer(plan)` (a fresh trainer each call), resuming and recovering; out of memory, the next
+    try gets plan.halved_micro_batch(), a plan derived from the last."""
     run_dir = Path(run_dir)
     STOP.install()
     faults.cap_gpu_memory()
@@ -181,14 +176,14 @@ def fit(
         return _finish(None, False, EXIT_BAD_RESUME)
     start_step = checkpoints.checkpoint_step(checkpoint) if checkpoint else 0
     settings = recipe.resilience
-    micro, accum = recipe.training.micro_batch_size, recipe.training.gradient_accumulation
     tried: list[str] = []
     initial: dict[str, torch.Tensor] | None = None
     while True:
         trainer = None
+        micro, accum = plan.micro_batch.value, plan.grad_accum.value
         tried.append(f"micro-batch {micro} x accumulation {accum}")
         try:
-            trainer = make_trainer(micro, accum)
+            trainer = make_trainer(plan)
             if initial is None:
                 initial = _trainable_state(trainer.model)
             elif checkpoint is None:
@@ -220,16 +215,15 @@ def fit(
         world = trainer.args.world_size if trainer is not None else int(os.environ.get("WORLD_SIZE", "1"))
         can_shrink = settings.oom_backoff and micro > 1 and world == 1 and trainer is not None
         if can_shrink:
-            new_micro, new_accum = _smaller_micro_batch(micro, accum)
+            plan = plan.halved_micro_batch()
             _say(
                 f"oom: out of memory at micro-batch {micro} ({seen}).\n"
-                f"oom: retrying with micro-batch {new_micro} x gradient accumulation {new_accum} "
-                f"(effective batch stays {micro * accum})"
+                f"oom: retrying with micro-batch {plan.micro_batch.value} x gradient accumulation "
+                f"{plan.grad_accum.value} (effective batch stays {micro * accum})"
             )
             _release(trainer)
             del trainer
             _release(None)
-            micro, accum = new_micro, new_accum
             newest, _ = checkpoints.newest_complete(run_dir)
             if newest is not None and checkpoints.checkpoint_step(newest) > start_step:
                 checkpoint = newest  # progress saved before the OOM is kept

@@ -1,17 +1,11 @@
-"""Config fit: the recipe's planned peak GPU memory (env.plan, env.memory) against each GPU's free memory."""
+"""Config fit: the recipe's run plan (env.decide) and its planned peak GPU memory against each GPU's free memory."""
 
 from __future__ import annotations
 
-from lorabox.env.memory import GIB, estimate
-from lorabox.env.plan import (
-    DEFAULT_MARGIN,
-    auto_fit,
-    fits,
-    liger_choice,
-    resolve_shape,
-    settings_from_recipe,
-    suggest_fix,
-)
+from lorabox.env.decide import plan_run
+from lorabox.env.memory import GIB
+from lorabox.env.plan import advice_text, advise
+from lorabox.env.runplan import DEFAULT_MARGIN, Target
 from lorabox.verify.checks.base import CheckResult, Context
 
 ID = "config_fit"
@@ -25,55 +19,49 @@ def run(ctx: Context) -> CheckResult:
 
     try:
         recipe = load_recipe(ctx.config, ctx.overrides)
-    except RecipeError as error:
+        # the same plan `lorabox train` follows there: the GPU with the least free memory, which every rank must fit
+        target = Target.from_reading(ctx.gpu) if ctx.gpu.gpus else Target.card(None)
+        plan = plan_run(recipe, target)
+    except (RecipeError, ValueError) as error:
         return CheckResult(
             ID, TITLE, "fail", str(error), fix=f"fix the recipe, then: lorabox plan --config {ctx.config}"
         )
-    shape, source = resolve_shape(recipe.model.name_or_path)
-    if shape is None:
-        return CheckResult(ID, TITLE, "warn", f"cannot estimate memory: {source}", fix=None)
-    # Liger's layer kernels only lower the estimate; on a CPU-only machine plan for what the GPU lanes ship.
-    liger, liger_reason = liger_choice(recipe.performance.liger_kernels)
-    settings = settings_from_recipe(recipe, liger)
-    est = estimate(shape, settings)
+    est = plan.estimate
+    if est is None:
+        return CheckResult(ID, TITLE, "warn", f"cannot estimate memory: {plan.shape_source}", fix=None)
     values = {
-        "model": shape.name,
-        "shape_source": source,
+        "model": plan.shape.name,
+        "shape_source": plan.shape_source,
         "peak_allocated_gib": round(est.peak_allocated / GIB, 2),
-        "needed_gib": round(est.device_total / GIB, 2),
+        "needed_gib": round(est.planned_peak / GIB, 2),
         "margin": DEFAULT_MARGIN,
-        "liger": liger,
-        "liger_reason": liger_reason,
+        "plan": {name: decision["value"] for name, decision in plan.to_dict()["decisions"].items()},
+        "reasons": plan.reasons(),
     }
-    if not ctx.gpu.gpus:
+    if not target.cuda or target.free_bytes is None:
         return CheckResult(
             ID,
             TITLE,
             "skip",
-            f"no NVIDIA GPU to compare with; the recipe needs about {est.device_total / GIB:.1f} GiB "
+            f"no NVIDIA GPU to compare with; the recipe needs about {est.planned_peak / GIB:.1f} GiB "
             f"(for a given card: lorabox plan --config {ctx.config} --gpu-mem 12GiB)",
             fix=f"plan for a card: lorabox plan --config {ctx.config} --gpu-mem 12GiB",
             values=values,
         )
-    # Training runs on one device per process: the smallest free memory is what every rank must fit in.
     gpu = min(ctx.gpu.gpus, key=lambda g: g.free_bytes)
     values.update(gpu=gpu.name, gpu_index=gpu.index, free_gib=round(gpu.free_bytes / GIB, 2))
     where = f"GPU {gpu.index} ({gpu.name}) has {gpu.free_bytes / GIB:.1f} GiB free"
-    if fits(est, gpu.free_bytes):
-        return CheckResult(ID, TITLE, "pass", f"needs about {est.device_total / GIB:.1f} GiB; {where}", values=values)
-    fix = suggest_fix(shape, settings, gpu.free_bytes)
-    best = auto_fit(shape, settings, gpu.free_bytes)
-    if best.fits and best.settings != settings:
-        values["auto_fit"] = {
-            "micro_batch": best.settings.micro_batch,
-            "checkpoint_every": best.settings.checkpoint_every,
-        }
+    if plan.fits:
+        return CheckResult(ID, TITLE, "pass", f"needs about {est.planned_peak / GIB:.1f} GiB; {where}", values=values)
+    found = advise(recipe, target)
+    if found is not None:
+        values["fits_with"] = found[0]
     return CheckResult(
         ID,
         TITLE,
         "fail",
-        f"needs about {est.device_total / GIB:.1f} GiB but {where} (keeping {DEFAULT_MARGIN:.0%} free): "
+        f"needs about {est.planned_peak / GIB:.1f} GiB but {where} (keeping {DEFAULT_MARGIN:.0%} free): "
         "training would run out of memory",
-        fix=f"{fix}; or see every option: lorabox plan --config {ctx.config} --auto",
+        fix=f"{advice_text(recipe, target, found)}; or see every option: lorabox plan --config {ctx.config} --auto",
         values=values,
     )
