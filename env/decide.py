@@ -84,7 +84,8 @@ def dtype_choice(wanted: str, target: Target) -> Decision[str]:
     """Compute dtype. Raises ValueError for bf16 asked of a card without it."""
     if not target.cuda:
         ignored = "" if wanted in ("auto", "fp32") else f"; model.compute_dtype={wanted} ignored"
-        return Decision("fp32", f"compute dtype fp32: {target.why_not_cuda}, and CPUs compute in fp32{ignored}")
+        why = f"no CUDA GPU ({target.why_not_cuda}): the CPU computes in fp32 (bf16/fp16 matmuls there are slow)"
+        return Decision("fp32", f"compute dtype fp32: {why}{ignored}")
     cap = target.capability
     sm = f"sm_{cap[0]}{cap[1]}" if cap else "generation unknown"
     if wanted != "auto":

@@ -24,7 +24,7 @@ def choose_dtype(recipe: Recipe) -> tuple[str, str]:
         name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
         target = Target.card(None, name, capability=capability)
     else:
-        target = Target(False, "cpu", why_not_cuda="no CUDA GPU")
+        target = Target(False, "cpu", why_not_cuda="torch sees no CUDA device")
     decision = dtype_choice(recipe.model.compute_dtype, target)
     return decision.value, decision.reason
 
