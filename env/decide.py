@@ -200,9 +200,8 @@ def memory_choices(recipe, target: Target, shape: ModelShape | None, source: str
         return Decision(1, f"gradient checkpointing on: {why}"), micro, accum
     if recipe.performance.auto_fit:
         b, a = chosen.micro_batch, chosen.grad_accum
-        micro = Decision(
-            b, f"micro-batch {b}: performance.auto_fit chose the largest that fits ({b * base.seq_len} tokens)"
-        )
+        why = f"the planner's choice (performance.auto_fit), least recomputation first, {b * base.seq_len} tokens"
+        micro = Decision(b, f"micro-batch {b}: {why}")
         accum = Decision(a, f"accumulation {a}: keeps the effective batch {chosen.effective_batch}")
     need = f"planned {estimate_memory(shape, chosen).planned_peak / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
     every, k = chosen.checkpoint_every, checkpointed_layers(shape, chosen.checkpoint_every)

@@ -94,7 +94,7 @@ def advice_text(recipe, target: Target, found: tuple[list[str], RunPlan] | None)
             f"{SHORTEST_SEQUENCE} tokens with checkpointing: use a larger GPU or a smaller model"
         )
     sets, trial = found
-    return f"this fits ({trial.estimate.planned_peak / GIB:.2f} GiB): {' '.join(sets)}"
+    return f"this fits ({trial.estimate.planned_peak / GIB:.2f} GiB needed): {' '.join(sets)}"
 
 
 def render(plan: RunPlan, notes: list[str], advice: str | None) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from lorabox.env.memory import GIB, Estimate, ModelShape, RunSettings, checkpointed_layers, estimate
@@ -29,7 +29,14 @@ class Target:
     why_not_cuda: str = ""
 
     @classmethod
-    def card(cls, free_bytes: int | None, name: str = "a CUDA GPU", total_bytes: int | None = None, capability=None):
+    def card(
+        cls,
+        free_bytes: int | None,
+        name: str = "a CUDA GPU",
+        total_bytes: int | None = None,
+        capability: tuple[int, int] | None = None,
+    ) -> Target:
+        """A CUDA card; with free_bytes alone, a whole empty card of that size."""
         return cls(True, name, free_bytes, total_bytes or free_bytes, capability)
 
     @classmethod
@@ -70,7 +77,6 @@ class RunPlan:
     memory: RunSettings  # the estimator's view; __post_init__ makes it agree with the decisions above
     shape: ModelShape | None = None
     shape_source: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         synced = replace(
@@ -126,7 +132,7 @@ class RunPlan:
                 f"memory plan: {est.planned_peak / GIB:.1f} GiB needed, {self.target.free_bytes / GIB:.1f} GiB free "
                 f"on {self.target.name} ({DEFAULT_MARGIN:.0%} kept free): {verdict}"
             )
-        return lines + list(self.notes)
+        return lines
 
     def checkpointed_layers(self) -> int | None:
         return None if self.shape is None else checkpointed_layers(self.shape, self.checkpointing.value)

@@ -119,10 +119,9 @@ def _memory_seen(exc: BaseException) -> str:
     )
 
 
-def _next_settings(recipe: Any) -> list[str]:
+def _next_settings(recipe: Any, plan: RunPlan) -> list[str]:
     """The seeds' list of memory savers, cheapest in quality first, skipping what the recipe already does."""
     data, lora, model = (getattr(recipe, k, None) for k in ("data", "lora", "model"))
-    performance = getattr(recipe, "performance", None)
     tips = []
     seq = getattr(data, "max_seq_len", None)
     if seq and seq > 256:
@@ -130,7 +129,7 @@ def _next_settings(recipe: Any) -> list[str]:
     rank = getattr(lora, "r", None)
     if rank and rank > 4:
         tips.append(f"--set lora.r={rank // 2}   (smaller LoRA rank: fewer adapter, gradient and optimizer bytes)")
-    if getattr(performance, "gradient_checkpointing", "on") == "off":
+    if plan.checkpointing.value != 1:  # off, or only every n-th layer (the planner's choice)
         tips.append("--set performance.gradient_checkpointing=on   (recompute activations: slower, far less memory)")
     if getattr(model, "load_in_4bit", True) is False:
         tips.append("--set model.load_in_4bit=true   (NF4 base weights: about a quarter of bf16)")
@@ -234,7 +233,7 @@ def fit(
         if world > 1 and micro > 1:
             why = f"back-off needs a single process (this run has {world}); lower training.micro_batch_size yourself"
         model = getattr(getattr(recipe, "model", None), "name_or_path", "?")
-        tips = "\n".join(f"  {i}. {tip}" for i, tip in enumerate(_next_settings(recipe), 1))
+        tips = "\n".join(f"  {i}. {tip}" for i, tip in enumerate(_next_settings(recipe, plan), 1))
         # Printed by the rank that ran out (in DDP it may not be rank 0).
         print(
             f"error: out of memory training {model} at micro-batch {micro} x gradient accumulation {accum} "
