@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lorabox.env.memory import GIB, KNOWN_IDS, PROJECTIONS, SHAPES, ModelShape, RunSettings, checkpointed_layers
 from lorabox.env.memory import estimate as estimate_memory
-from lorabox.env.runplan import Decision, RunPlan, Target, fits
+from lorabox.env.runplan import DTYPE_BYTES, Decision, RunPlan, Target, fits
 
 # flash-attention's varlen kernels need Ampere or newer and a 16-bit compute dtype; so does native bf16 arithmetic
 # (CUDA C++ Programming Guide, "bfloat16 Precision Intrinsics": compute capability 8.0 and above)
@@ -227,8 +227,8 @@ def plan_run(recipe, target: Target, fsdp: bool = False) -> RunPlan:
     liger = liger_choice(recipe, target)
     base = replace(
         settings_from_recipe(recipe),
-        compute_bytes=4 if dtype.value == "fp32" else 2,
-        lora_bytes=4 if adapter.value == "fp32" else 2,
+        compute_bytes=DTYPE_BYTES[dtype.value],
+        lora_bytes=DTYPE_BYTES[adapter.value],
         attention=attention.value,
         liger=liger.value,
     )

@@ -9,6 +9,7 @@ from lorabox.env.memory import GIB, Estimate, ModelShape, RunSettings, checkpoin
 
 T = TypeVar("T")
 DEFAULT_MARGIN = 0.10  # keep 10% of the card free: fragmentation spikes and eval steps are not modelled
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ class RunPlan:
             checkpoint_every=self.checkpointing.value,
             liger=self.liger.value,
             attention=self.attention.value,
-            compute_bytes=4 if self.dtype.value == "fp32" else 2,
-            lora_bytes=4 if self.adapter_dtype.value == "fp32" else 2,
+            compute_bytes=DTYPE_BYTES[self.dtype.value],
+            lora_bytes=DTYPE_BYTES[self.adapter_dtype.value],
         )
         object.__setattr__(self, "memory", synced)
 

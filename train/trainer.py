@@ -50,7 +50,6 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
         for param in self.model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(dtype)
-        self.plan = plan
         self._last_log = (time.perf_counter(), 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
