@@ -2,10 +2,10 @@
 
 Every term counts the bytes that live tensors hold at the step's peak, derived op by op from the code that runs
 (transformers 5 Llama, PEFT LoRA, bitsandbytes Linear4bit, TRL's fused LM head, Liger kernels). Nothing here was
-fitted to a measurement: tests/perf/test_memory.py prints the predictions next to the five peaks measured on an
-H100 (../shared/device.md) as a documented comparison. The one modelling choice the measurements informed is that
-the seed recipe ran peft's prepare_model_for_kbit_training (norms, embeddings and lm_head upcast to fp32, so the
-residual stream is fp32): its 7B→8B Liger difference and its no-checkpointing peak only add up that way.
+fitted to a measurement: tests/perf/test_memory.py prints the predictions next to five peaks of the seed recipe
+measured on an H100 (listed in that test) as a documented comparison. The one modelling choice the measurements
+informed is that the seed recipe ran peft's prepare_model_for_kbit_training (norms, embeddings and lm_head upcast to
+fp32, so the residual stream is fp32): its 7B→8B Liger difference and its no-checkpointing peak only add up that way.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ModelShape:
         return self.layers * sum(a * b for a, b in self.projection_dims().values())
 
 
-# Shapes from the models' config.json (device.md lists the 7B/8B ones the seed baseline was measured on).
+# Shapes from the models' config.json (7B and 8B are the shapes the seed baseline was measured on).
 SHAPES: dict[str, ModelShape] = {
     "1b": ModelShape("Llama-3.2-1B", 2048, 16, 8192, 32, 8, 128256, tied_embeddings=True),
     "7b": ModelShape("Llama-2-7B", 4096, 32, 11008, 32, 32, 32016),
@@ -267,7 +267,7 @@ def estimate(shape: ModelShape, s: RunSettings) -> Estimate:
 
 
 def seed_settings(micro_batch: int = 4, seq_len: int = 2048, liger: bool = False, checkpoint_every: int = 1):
-    """The seed recipe measured in device.md: HF Trainer + PEFT (fp32 adapters, prepare_model_for_kbit_training)."""
+    """The measured seed recipe: HF Trainer + PEFT (fp32 adapters, prepare_model_for_kbit_training)."""
     return RunSettings(
         micro_batch=micro_batch,
         seq_len=seq_len,

@@ -30,7 +30,7 @@ FIRST_STEP_TOLERANCE, LOSS_TOLERANCE = 0.01, 0.05
 EXAMPLES = """\
 examples:
   lorabox bench --quick                              # tiny shape on CPU: checks the command and the loss guard
-  lorabox bench --shape 7b --batch 4 --seq 2048      # the device.md baseline shape, fixed-length rows
+  lorabox bench --shape 7b --batch 4 --seq 2048      # the seed baseline's shape, fixed-length rows
   lorabox bench --shape 8b --data variable --json-out bench-8b.json
   lorabox bench --plan-grid --shapes 7b              # measured vs planned peak memory over a grid (GPU only)
 

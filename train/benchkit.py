@@ -201,7 +201,7 @@ def lora_config():
 
 
 def run_seed(model_dir, tokenizer, dataset, args, shape, cuda, device_name) -> dict:
-    """device.md's seed recipe: HF Trainer + PEFT + NF4/double quant + checkpointing + paged AdamW 8-bit + SDPA."""
+    """The seed recipe: HF Trainer + PEFT + NF4/double quant + checkpointing + paged AdamW 8-bit + SDPA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
