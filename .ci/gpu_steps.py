@@ -51,7 +51,9 @@ SEVEN_B_SHAPED = (
     "    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,\n"
     "    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)\n"
     "torch.manual_seed(0)\n"
-    "LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(sys.argv[1])\n"
+    "with torch.device('cuda'):\n"
+    "    model = LlamaForCausalLM(config).to(torch.bfloat16)\n"
+    "model.save_pretrained(sys.argv[1])\n"
     "tok.save_pretrained(sys.argv[1])\n"
 )
 GRID_LINE = re.compile(r"^(\w+) bs(\d+) x (\d+) ckpt (\w+) liger (\w+): planned ([\d.]+) GiB, measured (OOM|[\d.]+)")
@@ -111,9 +113,9 @@ class Context:
             self.on_spawn(None)
 
     def output_since(self, offset: int) -> str:
-        with self.log.open(errors="replace") as log:
+        with self.log.open("rb") as log:
             log.seek(offset)
-            return log.read()
+            return log.read().decode(errors="replace")
 
     def run(self, cmd: list[str], **env: str) -> Done:
         started = time.monotonic()
@@ -245,28 +247,28 @@ def plan_grid(ctx: Context) -> tuple[str, str | None]:
     """As many grid points as the budget allows: a cut-off run still passes with the points it finished."""
     points: list[dict] = []
     ctx.numbers["points"] = points
+    code = 0
     try:
-        if ctx.gpu:
-            _measured_grid(ctx, points)
-        else:
-            _planned_grid(ctx, points)
+        code = _measured_grid(ctx, points) if ctx.gpu else _planned_grid(ctx, points)
         ctx.numbers["cut_by_budget"] = False
     except StepTimeout:
         ctx.numbers["cut_by_budget"] = True
     ctx.numbers["points_ran"] = len(points)
+    if code != 0:
+        return "failed", f"the grid stopped with exit {code} after {len(points)} points"
     scored = [p for p in points if p.get("error") is not None]
     if scored:
         ctx.numbers["within_10pct"] = f"{sum(abs(p['error']) <= 0.10 for p in scored)}/{len(scored)}"
     return verdict(bool(points), "no grid point finished within the budget")
 
 
-def _measured_grid(ctx: Context, points: list[dict]) -> None:
+def _measured_grid(ctx: Context, points: list[dict]) -> int:
     process, offset = ctx.start(
         ctx.lorabox("bench", "--plan-grid", "--shapes", "1b,7b,8b", "--json-out", str(ctx.out / "plan-grid.json"))
     )
     ctx.numbers["points_total"] = 48  # 3 shapes x batch 1,4 x seq 1024,2048 x ckpt on/off x Liger on/off
     try:
-        ctx.wait(process)
+        return ctx.wait(process)
     finally:
         # bench prints one line per finished point (unbuffered), so a run cut off by the budget still counts
         for line in ctx.output_since(offset).splitlines():
@@ -278,7 +280,7 @@ def _measured_grid(ctx: Context, points: list[dict]) -> None:
                 points.append({**point, "planned_gib": float(planned), "measured_gib": got, "error": error})
 
 
-def _planned_grid(ctx: Context, points: list[dict]) -> None:
+def _planned_grid(ctx: Context, points: list[dict]) -> int:
     """CPU: the planner alone (`lorabox plan --auto`), since measuring needs CUDA: the grid's plumbing still runs."""
     recipes = ("codellama-7b-12gb", "llama3-8b-24gb")
     ctx.numbers["points_total"] = len(recipes) * 3
@@ -291,6 +293,7 @@ def _planned_grid(ctx: Context, points: list[dict]) -> None:
             plan = json.loads(done.output[done.output.index("{") :])
             predicted = round(plan["peak_allocated_bytes"] / 1024**3, 2)
             points.append({"recipe": recipe, "card": card, "planned_gib": predicted, "fits": plan["fits"]})
+    return 0
 
 
 def _write_recipe(path: Path, model: str, data: Path, training: str, extra: str = "") -> Path:

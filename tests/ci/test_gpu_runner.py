@@ -18,8 +18,9 @@ import pytest
 from tests.conftest import REPO
 
 RUNNER = REPO / ".ci" / "gpu"
-_spec = importlib.util.spec_from_file_location("gpu_steps", REPO / ".ci" / "gpu_steps.py")
-gpu_steps = importlib.util.module_from_spec(_spec)
+# .ci/ is not a package: load the runner's step module from its file (dataclasses need it in sys.modules)
+_spec = importlib.util.spec_from_file_location("ci_gpu_steps", REPO / ".ci" / "gpu_steps.py")
+gpu_steps = sys.modules["ci_gpu_steps"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_steps)
 STEP_NAMES = [step.name for step in gpu_steps.STEPS]
 
