@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def test_cpu_rehearsal_passes_every_step_and_writes_both_reports(rehearsal):
     report = load_report(out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert report["finished"] is True and report["order"] == STEP_NAMES
+    assert not Path(report["work"]).exists()  # models and run folders are removed, only the reports stay
     assert {name: entry["status"] for name, entry in report["steps"].items()} == dict.fromkeys(STEP_NAMES, "passed")
     for name, entry in report["steps"].items():
         assert entry["seconds"] > 0 and (out / entry["log"]).is_file(), name
@@ -138,6 +140,7 @@ def test_a_killed_runner_leaves_a_valid_report(tmp_path):
     # The report names the group the killed runner left behind: stop it, as the docs say to.
     gpu_steps.kill_tree(running["pgid"])
     assert gone(running["pgid"])
+    shutil.rmtree(report["work"])
 
 
 def test_sigterm_to_the_runner_stops_the_step_reports_and_exits_143(tmp_path):
