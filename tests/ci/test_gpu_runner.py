@@ -4,7 +4,6 @@ killed and reported as timed-out, a killed or stopped runner still leaves a vali
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,10 +18,10 @@ import pytest
 from tests.conftest import REPO
 
 RUNNER = REPO / ".ci" / "gpu"
-# .ci/ is not a package: load the runner's step module from its file (dataclasses need it in sys.modules)
-_spec = importlib.util.spec_from_file_location("ci_gpu_steps", REPO / ".ci" / "gpu_steps.py")
-gpu_steps = sys.modules["ci_gpu_steps"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_steps)
+sys.path.insert(0, str(REPO / ".ci"))  # the runner's helper modules (.ci/ is not a package)
+import gpu_process  # noqa: E402
+import gpu_steps  # noqa: E402
+
 STEP_NAMES = [step.name for step in gpu_steps.STEPS]
 
 
@@ -138,7 +137,7 @@ def test_a_killed_runner_leaves_a_valid_report(tmp_path):
     assert report["finished"] is False
     assert report["steps"]["demo"]["status"] == "running" and report["steps"]["plan-grid"]["status"] == "pending"
     # The report names the group the killed runner left behind: stop it, as the docs say to.
-    gpu_steps.kill_tree(running["pgid"])
+    gpu_process.kill_tree(running["pgid"])
     assert gone(running["pgid"])
     shutil.rmtree(report["work"])
 
