@@ -4,6 +4,7 @@ depend one way (train -> verify -> env)."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -147,3 +148,41 @@ def test_the_sdist_rebuilds_the_same_layout(built):
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"pixi.toml", "pyproject.toml", "README.md", "lorabox/_wheel_layout.py", "train/cli.py"} <= names
+
+
+def lorabox_env(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lorabox.env", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize("command", [["matrix"], ["pick"], ["pins", "cpu"]])
+def test_a_missing_manifest_is_exit_3_for_every_env_command(command, tmp_path):
+    done = lorabox_env(*command, LORABOX_MANIFEST=str(tmp_path / "absent.toml"))
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert "absent.toml" in done.stderr
+
+
+def test_a_reader_that_closes_early_gets_no_traceback():
+    """What `lorabox env pins cpu | head -1` does to longer output: the reader is gone before the write (its end of
+    the pipe is closed before the command starts, so no timing is involved)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lorabox.env", "pins", "cpu"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141
