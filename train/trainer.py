@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lorabox.env.recipe import Recipe
+from lorabox.train import console
 from lorabox.train.resilience import ResilientTrainerMixin
 
 
@@ -49,6 +50,7 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
                 if param.requires_grad:
                     param.data = param.data.float()
         self._last_log = (time.perf_counter(), 0)
+        console.use_progress(self)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
