@@ -2,6 +2,6 @@
 
 import sys
 
-from lorabox.env.cli import main
+from lorabox.env.cli import main, quiet_on_closed_pipe
 
-sys.exit(main())
+sys.exit(quiet_on_closed_pipe(main))

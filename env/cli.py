@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
+from collections.abc import Callable
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -51,3 +54,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.env") -> 
     args = build_parser(prog).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
+
+
+def quiet_on_closed_pipe(main: Callable[[], int]) -> int:
+    """main()'s exit code; when the reader closes stdout early (`lorabox env pins cpu | head -1`) no traceback, and
+    141 (128 + SIGPIPE), what shell tools killed by SIGPIPE exit with."""
+    try:
+        code = main()
+        sys.stdout.flush()  # a closed pipe shows up here for output still in the buffer
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit and would report the same error; point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -29,8 +29,13 @@ def requirement_lines(manifest: Manifest, environment: str, platform: str, with_
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 printed; 2 no such environment (a wrong argument); 3 pixi.toml missing or unreadable, as matrix and pick."""
     try:
         manifest = Manifest.load()
+    except ManifestError as error:
+        print(f"lorabox env pins: {error}", file=sys.stderr)
+        return 3
+    try:
         print("\n".join(requirement_lines(manifest, args.environment, args.platform, args.with_index)))
     except ManifestError as error:
         print(f"lorabox env pins: {error}", file=sys.stderr)

@@ -11,29 +11,17 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorabox.env.gpu import GpuReading, read_gpus
 from lorabox.env.host import HostPaths, container_kind, disk_free_bytes, hf_cache_dir, is_wsl, shm_bytes, wsl_libcuda
+from lorabox.env.report import GIB, MIN_CACHE_FREE_BYTES, MIN_SHM_BYTES, CheckResult, exit_code, render
 
-GIB = 1024**3
 # A CUDA image holds torch's CUDA wheels (cuDNN, cuBLAS, NCCL …): ~10 GiB unpacked, plus room for a rebuild.
 IMAGE_GIB = {"gpu": 15.0, "cpu": 3.0}
-CACHE_GIB = 30.0  # a 7B model in bf16 (~14 GB) downloads once into the HF cache; room for a second one
-SHM_MIN_GIB = 1.0
 CDI_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
 TOOLKIT_URL = "https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/latest/install-guide.html"
-
-
-@dataclass
-class Finding:
-    id: str
-    title: str
-    status: str  # pass | warn | fail | skip
-    message: str
-    fix: str | None = None
-    values: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -52,11 +40,39 @@ class Engine:
         return self.info.get("DockerRootDir") or self.info.get("store", {}).get("graphRoot")
 
 
+ENGINE_FIX = {
+    "docker": (
+        "start it (`sudo systemctl start docker`) and allow your user (`sudo usermod -aG docker $USER`, log in "
+        "again); with Docker Desktop on Windows enable Settings > Resources > WSL integration for this distro"
+    ),
+    "podman": (
+        "run `podman info` yourself to see what blocks it: rootless podman needs a login session "
+        "(XDG_RUNTIME_DIR set, `loginctl enable-linger $USER`); after an upgrade `podman system migrate`"
+    ),
+}
+
+
+def engine_name(name: str, path: str) -> str:
+    """'podman' for a `docker` that is podman's compatibility wrapper (the podman-docker package), else `name`."""
+    if name == "docker":
+        try:
+            with open(path, "rb") as program:
+                head = program.read(4096)
+        except OSError:
+            return name
+        if head.startswith(b"#!") and b"podman" in head:  # the wrapper is a shell script that execs podman
+            return "podman"
+    return name
+
+
 def ask_engine(name: str, path: str, timeout: float) -> Engine:
+    name = engine_name(name, path)
     command = [path, "info", "--format", "{{json .}}" if name == "docker" else "json"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
+    except subprocess.TimeoutExpired:
+        return Engine(name, path, None, f"no answer within {timeout:g} s")
+    except OSError as error:
         return Engine(name, path, None, str(error))
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
@@ -77,21 +93,18 @@ def find_engine(preference: str = "auto", timeout: float = 20.0) -> Engine:
     return Engine(None, None, None, f"none of {', '.join(names)} found on PATH")
 
 
-def check_engine(engine: Engine) -> Finding:
+def check_engine(engine: Engine) -> CheckResult:
     title = "container engine"
     if engine.path is None:
         fix = (
             "install Docker Engine (https://docs.docker.com/engine/install/) or podman (`sudo apt-get install podman`)"
         )
-        return Finding("engine", title, "fail", engine.error or "no engine", fix)
+        return CheckResult("engine", title, "fail", engine.error or "no engine", fix)
     if engine.info is None:
-        fix = (
-            "start it (`sudo systemctl start docker`) and allow your user (`sudo usermod -aG docker $USER`, log in "
-            "again); with Docker Desktop on Windows enable Settings > Resources > WSL integration for this distro"
-        )
-        return Finding("engine", title, "fail", f"{engine.name} is installed but `info` failed: {engine.error}", fix)
+        message = f"{engine.name} is installed but `{engine.name} info` failed: {engine.error}"
+        return CheckResult("engine", title, "fail", message, ENGINE_FIX[engine.name])
     version = engine.info.get("ServerVersion") or engine.info.get("version", {}).get("Version", "?")
-    return Finding("engine", title, "pass", f"{engine.name} {version} answers", values={"engine": engine.name})
+    return CheckResult("engine", title, "pass", f"{engine.name} {version} answers", values={"engine": engine.name})
 
 
 def cdi_gpu_specs(cdi_dirs: tuple[Path, ...]) -> list[str]:
@@ -107,33 +120,33 @@ def cdi_gpu_specs(cdi_dirs: tuple[Path, ...]) -> list[str]:
     return found
 
 
-def check_nvidia_runtime(engine: Engine, gpu: GpuReading, cdi_dirs: tuple[Path, ...]) -> Finding:
+def check_nvidia_runtime(engine: Engine, gpu: GpuReading, cdi_dirs: tuple[Path, ...]) -> CheckResult:
     title = "NVIDIA container runtime"
     if not gpu.gpus:
-        return Finding("nvidia-runtime", title, "skip", "no NVIDIA GPU on this host: images run on CPU only")
+        return CheckResult("nvidia-runtime", title, "skip", "no NVIDIA GPU on this host: images run on CPU only")
     if engine.info is None:
-        return Finding("nvidia-runtime", title, "skip", "no working container engine to ask")
+        return CheckResult("nvidia-runtime", title, "skip", "no working container engine to ask")
     specs = cdi_gpu_specs(cdi_dirs)
     runtimes = sorted(engine.info.get("Runtimes", {}) or {})
     values = {"runtimes": runtimes, "cdi_specs": specs, "nvidia_ctk": shutil.which("nvidia-ctk")}
     if engine.name == "podman":
         if specs:
-            return Finding(
+            return CheckResult(
                 "nvidia-runtime", title, "pass", f"CDI spec {specs[0]}: --device nvidia.com/gpu=all", None, values
             )
         fix = (
             f"install nvidia-container-toolkit ({TOOLKIT_URL}), "
             "then `sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
         )
-        return Finding("nvidia-runtime", title, "fail", "podman has no CDI spec for NVIDIA GPUs", fix, values)
+        return CheckResult("nvidia-runtime", title, "fail", "podman has no CDI spec for NVIDIA GPUs", fix, values)
     if "nvidia" in runtimes or specs or "Docker Desktop" in str(engine.info.get("OperatingSystem", "")):
         how = "nvidia runtime registered" if "nvidia" in runtimes else "CDI spec or Docker Desktop GPU support"
-        return Finding("nvidia-runtime", title, "pass", f"{how}: `docker run --gpus all` works", None, values)
+        return CheckResult("nvidia-runtime", title, "pass", f"{how}: `docker run --gpus all` works", None, values)
     fix = (
         f"install nvidia-container-toolkit ({TOOLKIT_URL}), then "
         "`sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`"
     )
-    return Finding(
+    return CheckResult(
         "nvidia-runtime",
         title,
         "fail",
@@ -143,51 +156,52 @@ def check_nvidia_runtime(engine: Engine, gpu: GpuReading, cdi_dirs: tuple[Path, 
     )
 
 
-def check_wsl(paths: HostPaths) -> Finding:
+def check_wsl(paths: HostPaths) -> CheckResult:
     title = "WSL2 libcuda"
     if not is_wsl(paths.proc_version):
-        return Finding("wsl2-libcuda", title, "skip", "not WSL2")
+        return CheckResult("wsl2-libcuda", title, "skip", "not WSL2")
     libs = wsl_libcuda(paths.wsl_lib_dir)
     if libs:
-        return Finding("wsl2-libcuda", title, "pass", f"{', '.join(libs)} in {paths.wsl_lib_dir}")
+        return CheckResult("wsl2-libcuda", title, "pass", f"{', '.join(libs)} in {paths.wsl_lib_dir}")
     fix = (
         "install or update the NVIDIA driver on Windows (not inside WSL2: never install a Linux driver there), "
         "run `wsl --update` in PowerShell, then `wsl --shutdown` and reopen the distro"
     )
-    return Finding("wsl2-libcuda", title, "fail", f"no libcuda.so* in {paths.wsl_lib_dir}", fix)
+    return CheckResult("wsl2-libcuda", title, "fail", f"no libcuda.so* in {paths.wsl_lib_dir}", fix)
 
 
-def check_shm(paths: HostPaths) -> Finding:
+def check_shm(paths: HostPaths) -> CheckResult:
     title = "shared memory"
     size = shm_bytes(paths.shm)
     advice = "run images with --ipc=host (or --shm-size=8g): Docker's default 64 MiB /dev/shm stalls DataLoader workers"
     if size is None:
-        return Finding("shm", title, "warn", f"{paths.shm} is missing", advice)
+        return CheckResult("shm", title, "warn", f"{paths.shm} is missing", advice)
     gib = size / GIB
     inside = container_kind(paths.dockerenv, paths.containerenv, paths.cgroup)
-    if gib < SHM_MIN_GIB:
+    if size < MIN_SHM_BYTES:
         where = f"this {inside} container" if inside else "this host"
-        return Finding("shm", title, "warn", f"/dev/shm of {where} is {gib:.2f} GiB (< {SHM_MIN_GIB:g})", advice)
-    return Finding("shm", title, "pass", f"/dev/shm {gib:.1f} GiB; {advice}", values={"gib": round(gib, 2)})
+        message = f"/dev/shm of {where} is {gib:.2f} GiB (< {MIN_SHM_BYTES / GIB:g})"
+        return CheckResult("shm", title, "warn", message, advice)
+    return CheckResult("shm", title, "pass", f"/dev/shm {gib:.1f} GiB; {advice}", values={"gib": round(gib, 2)})
 
 
-def check_disk(check_id: str, title: str, where: Path | None, need_gib: float, what: str, fix: str) -> Finding:
+def check_disk(check_id: str, title: str, where: Path | None, need_gib: float, what: str, fix: str) -> CheckResult:
     if where is None:
-        return Finding(check_id, title, "skip", f"no working engine to tell where {what} would be stored")
+        return CheckResult(check_id, title, "skip", f"no working engine to tell where {what} would be stored")
     free = disk_free_bytes(where) / GIB
     values = {"path": str(where), "free_gib": round(free, 1), "need_gib": need_gib}
     if free < need_gib:
-        return Finding(
+        return CheckResult(
             check_id, title, "fail", f"{free:.1f} GiB free at {where}; {what} needs ~{need_gib:g}", fix, values
         )
-    return Finding(
+    return CheckResult(
         check_id, title, "pass", f"{free:.1f} GiB free at {where} (>= {need_gib:g} for {what})", None, values
     )
 
 
 def preflight(
     engine: Engine, gpu: GpuReading, paths: HostPaths, cdi_dirs: tuple[Path, ...], cache: Path, image_gib: float
-) -> list[Finding]:
+) -> list[CheckResult]:
     root = Path(engine.root_dir) if engine.root_dir else None
     return [
         check_engine(engine),
@@ -206,29 +220,11 @@ def preflight(
             "disk-cache",
             "disk for the model cache",
             cache,
-            CACHE_GIB,
+            MIN_CACHE_FREE_BYTES / GIB,
             "the Hugging Face cache",
             "point HF_HOME at a larger disk and mount it: -v $HF_HOME:/home/lorabox/.cache/huggingface",
         ),
     ]
-
-
-def exit_code(findings: list[Finding]) -> int:
-    """As `lorabox verify`: 1 when anything failed, else 2 when anything warned, else 0."""
-    statuses = {f.status for f in findings}
-    return 1 if "fail" in statuses else 2 if "warn" in statuses else 0
-
-
-SYMBOL = {"pass": "✓", "fail": "✗", "warn": "!", "skip": "⊘"}
-
-
-def render(findings: list[Finding]) -> str:
-    lines = []
-    for number, f in enumerate(findings, 1):
-        lines.append(f"[{number}/{len(findings)}] {SYMBOL[f.status]} {f.title}: {f.message}")
-        if f.fix and f.status in ("fail", "warn"):
-            lines.append(f"      fix: {f.fix}")
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,5 +253,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"lorabox env preflight: could not run: {error}", file=sys.stderr)
         return 3
-    print(json.dumps([asdict(f) for f in findings], indent=2) if args.json else render(findings))
+    if args.json:
+        print(json.dumps([f.to_dict() for f in findings], indent=2))
+    else:
+        print("\n".join(render(i, len(findings), f) for i, f in enumerate(findings, 1)))
     return exit_code(findings)

@@ -36,7 +36,12 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    from lorabox.env.cli import quiet_on_closed_pipe
+
+    return quiet_on_closed_pipe(lambda: dispatch(sys.argv[1:] if argv is None else argv))
+
+
+def dispatch(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

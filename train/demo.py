@@ -8,6 +8,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from lorabox.train import console
+from lorabox.train.console import say
+
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
 SAMPLE_PROMPT = ("What is the capital of France?", "The capital of France is Paris.")
 
@@ -16,7 +19,9 @@ examples:
   lorabox demo                          # verify, train into runs/demo/<timestamp>, print where things are
   lorabox demo --run-dir /tmp/demo      # choose the run directory (an existing one is resumed)
   lorabox demo --skip-verify            # train straight away
-Nothing is downloaded: the model is a tiny Llama built from train/samples on first use.
+  lorabox demo --verbose                # also show the known-harmless third-party warnings lorabox hides
+Nothing is downloaded: the model is a tiny Llama built from train/samples on first use. Progress goes to stderr,
+the results (where the adapter, plot and summary are, and a sample answer) to stdout.
 """
 
 
@@ -26,6 +31,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--run-dir", type=Path, help="run directory (default: a new runs/demo/<timestamp>)")
     parser.add_argument("--skip-verify", action="store_true", help="do not run `lorabox verify` first")
+    console.add_verbose_flag(parser)
     return parser
 
 
@@ -45,28 +51,29 @@ def sample(run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "lorabox demo") -> int:
     args = build_parser(prog).parse_args(argv)
+    console.hide_known_warnings()  # this process loads the trained model for the sample
     started = time.perf_counter()
     if not args.skip_verify:
-        print(f"{prog}: [1/3] lorabox verify", flush=True)
+        say("[1/3] lorabox verify")
         code = run_verify()
         if code not in (0, 2):  # 2 = warnings only: the demo still runs
-            print(f"{prog}: verify failed (exit {code}); fix what it reports above, then rerun `{prog}`")
+            say(f"verify failed (exit {code}); fix what it reports above, then rerun `{prog}`")
             return code
     # A fresh directory per demo keeps earlier results; pass --run-dir to resume or overwrite one on purpose.
     run_dir = args.run_dir or Path("runs/demo") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    print(f"{prog}: [2/3] QLoRA training through accelerate launch into {run_dir}", flush=True)
+    say(f"[2/3] QLoRA training through accelerate launch into {run_dir}")
     from lorabox.train.launch import main as train_main
 
     code = train_main(["--config", str(DEMO_RECIPE), "--run-dir", str(run_dir)], prog="lorabox train")
     if code != 0:
-        print(f"{prog}: training stopped with exit {code}; run `{prog} --run-dir {run_dir}` to resume it")
+        say(f"training stopped with exit {code}; run `{prog} --run-dir {run_dir}` to resume it")
         return code
-    print(f"{prog}: [3/3] generating with the trained adapter", flush=True)
+    say("[3/3] generating with the trained adapter")
     answer = sample(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     first, last, evaluation = summary["first_train_loss"], summary["final_train_loss"], summary["final_eval_loss"]
     print(
-        f"\n{prog}: finished in {time.perf_counter() - started:.0f} s; "
+        f"{prog}: finished in {time.perf_counter() - started:.0f} s; "
         f"train loss {first:.2f} → {last:.2f}" + (f", eval loss {evaluation:.2f}" if evaluation is not None else "")
     )
     print(f"  adapter  {run_dir / 'adapter'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorabox.train.outputs import load_finished_run
+from lorabox.train.model import load_finished_run
 
 EXAMPLES = """\
 examples:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lorabox.env.recipe import RecipeError, load_recipe
+from lorabox.train.console import say
 from lorabox.train.run import add_run_arguments
 
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
     if recipe.model.is_bundled:  # build it once now, so the ranks do not race to build it
         from lorabox.train.tiny_model import resolve
 
-        print(f"{prog}: bundled model ready at {resolve(recipe.model.name_or_path)}", flush=True)
+        say(f"bundled model ready at {resolve(recipe.model.name_or_path)}")
     config, num_processes, why = choose_accelerate_config(args.accelerate_config, args.num_processes)
     if not config.is_file():
         print(f"{prog}: accelerate config {config} not found; pick one of {ACCELERATE_DIR}/*.yaml", file=sys.stderr)
@@ -99,18 +100,17 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         train_args += ["--run-dir", str(args.run_dir.resolve())]
     train_args += ["--resume", str(args.resume.resolve())] if args.resume else []
     train_args += ["--no-resume"] if args.no_resume else []
-    print(f"{prog}: accelerate config {config.name}: {why}", flush=True)
+    say(f"accelerate config {config.name}: {why}")
     threads = None
     if config.name.startswith("cpu") and recipe.model.is_bundled and "OMP_NUM_THREADS" not in os.environ:
         # Measured here: 30 demo steps took 2.9 s with one thread and 20.6 s with two on a busy 2-core machine.
         threads = 1
-        print(
-            f"{prog}: 1 CPU thread per process: the tiny model's matrices are too small to split across threads "
-            "(OMP_NUM_THREADS overrides)",
-            flush=True,
+        say(
+            "1 CPU thread per process: the tiny model's matrices are too small to split across threads "
+            "(OMP_NUM_THREADS overrides)"
         )
     cmd = accelerate_command(config, num_processes, threads, train_args)
-    print(f"{prog}: {' '.join(cmd)}", flush=True)
+    say(" ".join(cmd))
     from lorabox.train.resilience.launcher import launch
 
     return launch(cmd)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lorabox.env.recipe import Recipe, load_recipe
+from lorabox.env.recipe import Recipe, RecipeError, load_recipe
 from lorabox.train import tiny_model
 from lorabox.train.outputs import unfinished_run_problem
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# torch is imported inside the functions: `lorabox train merge/generate` on a wrong path fail before it loads (~5 s).
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def choose_dtype(recipe: Recipe) -> tuple[str, str]:
     """('bf16'|'fp16'|'fp32', why) for this process's device, by the run plan's rule (env.decide.dtype_choice)."""
+    import torch
+
     from lorabox.env.decide import dtype_choice
     from lorabox.env.runplan import Target
 
@@ -41,6 +43,8 @@ def load_tokenizer(recipe: Recipe, name_or_path: str):
 
 
 def _device_map() -> dict[str, Any] | None:
+    import torch
+
     # FSDP shards the model itself and needs it unplaced; DDP puts one full copy on each process's GPU.
     if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return None
@@ -49,12 +53,13 @@ def _device_map() -> dict[str, Any] | None:
 
 def load_base_model(recipe: Recipe, name_or_path: str, dtype: str, extra_kwargs: dict[str, Any]):
     """The frozen base: 4-bit NF4 with double quantisation (QLoRA) unless the recipe turns 4-bit off."""
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {
         "revision": recipe.model.revision,
         "trust_remote_code": recipe.model.trust_remote_code,
-        "dtype": DTYPES[dtype],
+        "dtype": getattr(torch, DTYPES[dtype]),
         "device_map": _device_map(),
     }
     if recipe.model.load_in_4bit:
@@ -62,9 +67,9 @@ def load_base_model(recipe: Recipe, name_or_path: str, dtype: str, extra_kwargs:
             load_in_4bit=True,
             bnb_4bit_quant_type=recipe.model.quant_type,
             bnb_4bit_use_double_quant=recipe.model.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[dtype],
+            bnb_4bit_compute_dtype=getattr(torch, DTYPES[dtype]),
             # FSDP flattens parameters of one dtype: store the 4-bit weights in the compute dtype so they shard.
-            bnb_4bit_quant_storage=DTYPES[dtype],
+            bnb_4bit_quant_storage=getattr(torch, DTYPES[dtype]),
         )
     kwargs.update(extra_kwargs)  # train.speed's choices (attention implementation, …)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
@@ -112,3 +117,15 @@ def load_trained(run_dir: Path, dequantize: bool = False):
         # Merge into the weights the adapter was trained against: the 4-bit base expanded back to 16/32 bits.
         model = model.dequantize()
     return recipe, AutoTokenizer.from_pretrained(adapter), PeftModel.from_pretrained(model, adapter)
+
+
+def load_finished_run(run_dir: Path, prog: str, dequantize: bool = False) -> tuple[Any, Any, Any] | None:
+    """(recipe, tokenizer, model) of a finished run, or None after printing why (the caller exits 2)."""
+    problem = unfinished_run_problem(run_dir)  # before importing torch: a wrong path fails in a blink
+    if problem is None:
+        try:
+            return load_trained(run_dir, dequantize=dequantize)
+        except (FileNotFoundError, RecipeError) as error:
+            problem = str(error)
+    print(f"{prog}: {problem}", file=sys.stderr)
+    return None

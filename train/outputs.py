@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -33,21 +32,6 @@ def unfinished_run_problem(run_dir: Path) -> str | None:
         f"found {found}; finish or resume it with `lorabox train --config {run_dir / 'config.yaml'} "
         f"--run-dir {run_dir}`"
     )
-
-
-def load_finished_run(run_dir: Path, prog: str, dequantize: bool = False) -> tuple[Any, Any, Any] | None:
-    """(recipe, tokenizer, model) of a finished run, or None after printing why (the caller exits 2)."""
-    problem = unfinished_run_problem(run_dir)  # before importing torch: a wrong path fails in a blink
-    if problem is None:
-        from lorabox.env.recipe import RecipeError
-        from lorabox.train.model import load_trained
-
-        try:
-            return load_trained(run_dir, dequantize=dequantize)
-        except (FileNotFoundError, RecipeError) as error:
-            problem = str(error)
-    print(f"{prog}: {problem}", file=sys.stderr)
-    return None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

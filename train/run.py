@@ -17,6 +17,8 @@ from typing import Any
 
 from lorabox.env.recipe import Recipe, RecipeError, load_recipe
 from lorabox.env.runplan import RunPlan
+from lorabox.train import console
+from lorabox.train.console import is_main_process, say
 from lorabox.train.data import DataError, DataSet, read_jsonl
 
 EXAMPLES = """\
@@ -37,6 +39,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) ->
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", type=Path, metavar="PATH", help="resume from this checkpoint directory")
     resume.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    console.add_verbose_flag(parser)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -45,16 +48,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     add_run_arguments(parser, config_required=False)
     return parser
-
-
-def is_main_process() -> bool:
-    # Read before torch.distributed is initialised: accelerate launch sets RANK for every process.
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def say(message: str) -> None:
-    if is_main_process():
-        print(f"lorabox: {message}", flush=True)
 
 
 @dataclass
@@ -180,6 +173,7 @@ def user_error(error: Exception) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -> int:
     args = build_parser(prog).parse_args(argv)
+    console.hide_known_warnings()
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
     try:
         recipe = load_recipe(args.config, args.set)
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        say(f"resolved recipe (saved to {run_dir / 'config.yaml'}):\n{recipe.to_yaml()}")
+        say(f"recipe (in full: {run_dir / 'config.yaml'}): {console.recipe_summary(recipe)}")
     # TensorBoard's writer reads this variable; keep its event files next to the other run outputs.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 

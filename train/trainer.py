@@ -13,6 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from lorabox.env.recipe import Recipe
 from lorabox.env.runplan import RunPlan
+from lorabox.train import console
 from lorabox.train.model import DTYPES
 from lorabox.train.resilience import ResilientTrainerMixin
 
@@ -46,11 +47,12 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
         # The plan's adapter dtype, which the planner's memory estimate also counts: TRL casts a quantised model's
         # adapters to bf16, which fp16-only GPUs (T4, RTX 20xx) cannot train and which makes CPU runs slow, so they
         # go back to PEFT's fp32; under FSDP the plan says the compute dtype, the 4-bit storage dtype it shards with.
-        dtype = DTYPES[plan.adapter_dtype.value]
+        dtype = getattr(torch, DTYPES[plan.adapter_dtype.value])
         for param in self.model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(dtype)
         self._last_log = (time.perf_counter(), 0)
+        console.use_progress(self)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen

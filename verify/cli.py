@@ -8,9 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from lorabox.env.report import render
 from lorabox.verify.registry import CHECKS, EXIT_MEANINGS, Report, run_checks
-
-SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "⚠", "skip": "⊘", "error": "✗"}
 
 EXAMPLES = """\
 examples:
@@ -64,9 +63,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def print_line(index: int, total: int, result) -> None:
-    print(f"[{index}/{total}] {SYMBOLS[result.status]} {result.title} — {result.message}", flush=True)
-    if result.fix and result.status in ("fail", "warn", "error"):
-        print(f"        fix: {result.fix}", flush=True)
+    print(render(index, total, result), flush=True)
 
 
 def print_summary(report: Report) -> None:

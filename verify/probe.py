@@ -10,13 +10,15 @@ learned before a crash survives it."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lorabox
 
 # (import name, distribution name, required for training)
 PACKAGES: list[tuple[str, str, bool]] = [
@@ -43,37 +45,13 @@ TIMEOUT_S = 180
 
 # -S and the parent's exact sys.path: the child sees what the verifier sees (a crafted PYTHONPATH, a venv, a
 # site dir added at runtime), no more. os._exit after the last flush: tearing torch, peft and bitsandbytes down
-# at interpreter exit costs ~1.5 s on 2 cores, and the verifier waits for the child's end.
+# at interpreter exit costs ~1.5 s on 2 cores, and the verifier waits for the child's end. The directory holding
+# lorabox is appended: an editable install reaches it through a .pth import hook, which -S does not run.
+LORABOX_ROOT = str(Path(lorabox.__file__).resolve().parents[1])
 CHILD = (
     "import json, os, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from verify.probe import child_main; child_main(sys.argv[2:]); sys.stdout.flush(); os._exit(0)"
+    "from lorabox.verify.probe_child import main; main(sys.argv[2:]); sys.stdout.flush(); os._exit(0)"
 )
-
-
-def _chain(error: BaseException) -> str:
-    """The error and its causes as one line: an 'undefined symbol' is often in a chained OSError."""
-    parts, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        parts.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    return " <- ".join(parts)
-
-
-def import_problem(module: str) -> tuple[str, str] | None:
-    """None when `module` imports; else (kind, detail) with kind 'missing', 'abi' or 'broken'."""
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name and error.name.split(".")[0] == module:
-            return "missing", "not installed"
-        return "broken", f"needs {error.name}, which is not installed ({_chain(error)})"
-    except Exception as error:  # ImportError, OSError from a native library, anything a package raises on import
-        text = _chain(error)
-        if "undefined symbol" in text:
-            return "abi", f"ABI mismatch (undefined symbol): built against a different torch/CUDA/Python — {text}"
-        return "broken", text
-    return None
 
 
 def how_it_ended(returncode: int) -> str:
@@ -83,37 +61,6 @@ def how_it_ended(returncode: int) -> str:
         return f"killed by {signal.Signals(-returncode).name}"
     except ValueError:  # a real-time signal has no name
         return f"killed by signal {-returncode}"
-
-
-def _emit(section: str, data) -> None:
-    print(json.dumps({"section": section, "data": data}), flush=True)
-
-
-def child_main(modules: list[str]) -> None:
-    """Runs in the child: each section is printed as soon as it is known."""
-    problems = {module: import_problem(module) for module in modules}
-    _emit("imports", problems)
-    if problems.get("torch", "not asked") is not None:
-        return
-    from lorabox.verify.checks.base import TorchFacts
-
-    try:
-        facts = TorchFacts.read()
-    except Exception as error:  # CUDA init can raise on a broken driver; the GPU check reports it
-        _emit("torch", {"error": _chain(error)})
-        return
-    _emit("torch", asdict(facts))
-    if problems.get("bitsandbytes", "not asked") is not None:
-        return
-    from lorabox.verify.checks.bnb import kernel_checks, native_library
-
-    path, why = native_library()
-    _emit("bnb_library", {"path": path, "problem": why})
-    if path is not None:
-        try:
-            _emit("bnb_kernels", kernel_checks("cuda:0" if facts.available else "cpu"))
-        except Exception as error:  # a native op that raises is exactly what the bitsandbytes check reports
-            _emit("bnb_kernels", {"error": _chain(error)})
 
 
 @dataclass
@@ -134,7 +81,7 @@ class Probe:
 
     @staticmethod
     def _spawn(modules: list[str]) -> subprocess.Popen:
-        command = [sys.executable, "-S", "-c", CHILD, json.dumps(sys.path), *modules]
+        command = [sys.executable, "-S", "-c", CHILD, json.dumps([*sys.path, LORABOX_ROOT]), *modules]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def _collect(self, process: subprocess.Popen) -> None:

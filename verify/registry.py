@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lorabox.env.report import exit_code
 from lorabox.verify.checks.base import CheckResult, Context
 
 # Order matters: the GPU check reports NVML's reading before anything initialises CUDA. The imports, torch's
@@ -42,14 +43,7 @@ class Report:
     @property
     def exit_code(self) -> int:
         """3 beats 1: when a check could not run, the report is incomplete and cannot vouch for anything."""
-        statuses = {r.status for r in self.results}
-        if self.errors:
-            return 3
-        if "fail" in statuses:
-            return 1
-        if "warn" in statuses:
-            return 2
-        return 0
+        return 3 if self.errors else exit_code(self.results)
 
     def counts(self) -> dict[str, int]:
         counts = {status: 0 for status in ("pass", "fail", "warn", "skip", "error")}

@@ -134,3 +134,27 @@ def test_real_podman(tmp_path):
     assert found["nvidia-runtime"]["status"] == "skip"  # no GPU injected
     assert found["disk-images"]["status"] in ("pass", "fail") and found["disk-images"]["values"]["path"]
     assert code != 3
+
+
+def test_a_podman_that_does_not_answer_is_blamed_on_podman(tmp_path):
+    """`podman info` that never answers: the finding names podman and podman's fix, never Docker's systemctl."""
+    from lorabox.env.preflight import ask_engine, check_engine
+
+    podman = tmp_path / "podman"
+    podman.write_text("#!/bin/sh\nexec sleep 60\n")
+    podman.chmod(0o755)
+    finding = check_engine(ask_engine("podman", str(podman), timeout=1))
+    assert finding.status == "fail" and "`podman info` failed: no answer within 1 s" in finding.message
+    assert "podman info" in finding.fix and "docker" not in finding.fix.lower()
+
+
+def test_podmans_docker_wrapper_counts_as_podman(tmp_path):
+    from lorabox.env.preflight import ask_engine, check_engine
+
+    wrapper = tmp_path / "docker"  # what the podman-docker package installs as /usr/bin/docker
+    wrapper.write_text(
+        '#!/bin/sh\n[ -e /etc/containers/nodocker ] || echo "Emulate Docker CLI using podman."\nexit 1\n'
+    )
+    wrapper.chmod(0o755)
+    engine = ask_engine("docker", str(wrapper), timeout=10)
+    assert engine.name == "podman" and check_engine(engine).fix.startswith("run `podman info`")

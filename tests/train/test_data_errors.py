@@ -84,7 +84,7 @@ def test_bad_recipe_stops_the_launcher_before_accelerate(tmp_path, cli, make_rec
     args = [a for item in overrides for a in ("--set", item)]
     done = cli("lorabox.train.cli", "train", "--config", str(recipe), *args)
     assert_clean_failure(done, *expected, "Fix them in the YAML file or with --set")
-    assert "accelerate" not in done.stdout  # nothing was launched
+    assert "accelerate.commands.launch" not in done.stdout + done.stderr  # nothing was launched
 
 
 def test_data_error_survives_accelerate_launch(tmp_path, cli, make_recipe):

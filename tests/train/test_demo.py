@@ -7,15 +7,21 @@ import json
 import pytest
 import torch
 
+from tests.train.test_end_to_end import run_lorabox, shadowing_dir
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, cli):
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
+def demo_run(tmp_path_factory, model_cache):
+    """`lorabox demo` as a user runs it, from a project directory whose train.py, env.py, verify.py and env/ raise
+    if imported: none of them may shadow lorabox's modules."""
+    work = tmp_path_factory.mktemp("demo")
+    run_dir = work / "run"
     # verify has its own tests; skipping it here keeps this file's time on the training path
-    done = cli("lorabox.train.cli", "demo", "--skip-verify", "--run-dir", str(run_dir))
+    done = run_lorabox("demo", "--skip-verify", "--run-dir", str(run_dir), cwd=shadowing_dir(work / "project"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "was imported" not in done.stdout + done.stderr
     return run_dir, done.stdout
 
 

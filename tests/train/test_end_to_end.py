@@ -4,15 +4,44 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from lorabox.env.recipe import load_recipe
+from lorabox.train.console import HIDDEN_LOGS, HIDDEN_WARNINGS
 from lorabox.train.outputs import PACKAGES, SUMMARY_KEYS
 
 pytestmark = pytest.mark.slow
+
+# Seen on stderr of a CPU run with this stack unless filtered (train/console.py lists why each is harmless).
+SEEN_ON_CPU = ("`gradient_checkpointing_enable` is deprecated", "Paged optimizers are not supported on CPU")
+LORABOX = Path(sys.executable).with_name("lorabox")  # the console script, as a user runs it
+
+
+def shadowing_dir(root: Path) -> Path:
+    """A project directory of the kind lorabox must run from: its own train.py, env.py, verify.py and an env/ venv,
+    each raising if anything imports it."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("train.py", "env.py", "verify.py"):
+        (root / name).write_text(f"raise RuntimeError('the user's {name} was imported')\n", encoding="utf-8")
+    (root / "env" / "bin").mkdir(parents=True)
+    (root / "env" / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (root / "env" / "pyvenv.cfg").write_text("home = /usr/bin\n", encoding="utf-8")
+    (root / "env" / "__init__.py").write_text("raise RuntimeError('the user's env/ was imported')\n")
+    return root
+
+
+def run_lorabox(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [str(LORABOX), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +51,18 @@ def finished_run(tmp_path_factory, cli, make_recipe, write_jsonl, ten_rows):
     run_dir = work / "run"
     done = cli("lorabox.train.cli", "train", "--config", str(make_recipe(work, data)), "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return run_dir, data, done.stdout + done.stderr
+    return run_dir, data, done.stdout + done.stderr, done.stderr
 
 
 def test_run_prints_its_decisions_and_trains(finished_run):
-    run_dir, _, output = finished_run
+    run_dir, data, output, _ = finished_run
     assert "Traceback" not in output
     for reason in (
         "accelerate config cpu.yaml: no NVIDIA GPU seen",
         "compute dtype fp32: no CUDA GPU",
-        "8 instruction",
+        f"{data}: 10 instruction rows",
     ):
-        assert reason in output or reason == "8 instruction", output[-2000:]
+        assert reason in output, output[-2000:]
     assert "loss on the responses only" in output
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -42,12 +71,60 @@ def test_run_prints_its_decisions_and_trains(finished_run):
     assert any("eval_loss" in m for m in metrics)
 
 
+def test_console_is_curated(finished_run):
+    """lorabox's lines on stderr with one prefix, a one-line recipe summary, numbers as numbers, known noise hidden."""
+    run_dir, _, _, stderr = finished_run
+    recipe_lines = [line for line in stderr.splitlines() if line.startswith("lorabox: recipe (in full: ")]
+    assert len(recipe_lines) == 1 and str(run_dir / "config.yaml") in recipe_lines[0], stderr[-3000:]
+    assert "training.max_steps=24" in recipe_lines[0] and "lora.r=8" in recipe_lines[0]
+    assert "quant_type" not in recipe_lines[0]  # a default: only in config.yaml
+    assert "  target_modules:" not in stderr and "quant_type: nf4" in (run_dir / "config.yaml").read_text()
+    log_lines = re.findall(r"lorabox: step \d+/24 .*", stderr)
+    assert any(re.search(r" loss=\d+\.\d+ ", line) for line in log_lines), stderr[-3000:]
+    assert "'loss': '" not in stderr and "{'loss'" not in stderr
+    for message in SEEN_ON_CPU:
+        assert message not in stderr
+
+
+def test_verbose_shows_what_is_hidden_and_lorabox_train_ignores_the_working_directory(
+    tmp_path, make_recipe, write_jsonl, ten_rows
+):
+    """From a directory whose train.py, env.py, verify.py and env/ raise on import, `lorabox train --verbose` trains
+    (ranks start with PYTHONSAFEPATH) and shows the warnings a normal run hides."""
+    project = shadowing_dir(tmp_path / "project")
+    recipe = make_recipe(tmp_path, write_jsonl(tmp_path / "ten.jsonl", ten_rows), training={"max_steps": 2})
+    done = run_lorabox("train", "--config", str(recipe), "--run-dir", str(tmp_path / "run"), "--verbose", cwd=project)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "was imported" not in done.stdout + done.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    for message in SEEN_ON_CPU:
+        assert message in done.stderr, done.stderr[-3000:]
+
+
+def test_the_hidden_messages_are_exactly_the_listed_ones():
+    """Each listed warning and log message is dropped; an unlisted one from the same library still shows."""
+    code = """
+import logging, warnings
+from lorabox.train import console
+console.hide_known_warnings(show_all=False)
+warnings.warn("bitsandbytes::gemv_4bit: an autograd kernel was not registered to the Autograd key(s)", UserWarning)
+warnings.warn("something new", FutureWarning)
+log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: x")
+log.warning("a new bitsandbytes message")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "gemv_4bit" not in done.stderr and "gemm_4bit_forward" not in done.stderr
+    assert "something new" in done.stderr and "a new bitsandbytes message" in done.stderr
+    assert len(HIDDEN_WARNINGS) == 3 and list(HIDDEN_LOGS) == ["bitsandbytes.backends.cpu.ops"]
+
+
 def test_adapter_is_safetensors_only_and_reloads(finished_run):
     from safetensors.torch import load_file
 
     from lorabox.train.model import load_trained
 
-    run_dir, _, _ = finished_run
+    run_dir, _, _, _ = finished_run
     adapter = run_dir / "adapter"
     names = {p.name for p in adapter.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
@@ -63,7 +140,7 @@ def test_adapter_is_safetensors_only_and_reloads(finished_run):
 
 
 def test_summary_and_provenance_are_complete(finished_run):
-    run_dir, data, _ = finished_run
+    run_dir, data, _, _ = finished_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(summary) and all(summary[k] is not None for k in SUMMARY_KEYS)
     assert summary["steps"] == 24 and summary["tokens"] > 0 and summary["peak_memory_bytes"] > 0

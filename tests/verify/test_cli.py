@@ -12,8 +12,8 @@ import pytest
 
 from lorabox.env import host
 from lorabox.env.gpu import FAKE_GPUS_ENV_VAR
+from lorabox.env.report import MIN_CACHE_FREE_BYTES
 from lorabox.verify.checks.base import Context
-from lorabox.verify.checks.host import MIN_CACHE_FREE
 from lorabox.verify.cli import main
 from lorabox.verify.registry import CHECKS, run_checks
 from tests.conftest import REPO
@@ -32,7 +32,7 @@ def run_verify(*args: str) -> subprocess.CompletedProcess:
 
 def expected_warnings() -> set[str]:
     """The one host fact this project does not control: a disk shared with other jobs may be nearly full."""
-    low_disk = host.disk_free_bytes(host.hf_cache_dir()) < MIN_CACHE_FREE
+    low_disk = host.disk_free_bytes(host.hf_cache_dir()) < MIN_CACHE_FREE_BYTES
     return {"host.storage"} if low_disk else set()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lorabox.env.runplan import RunPlan
+from lorabox.train.console import is_main_process, say
 from lorabox.train.resilience import checkpoints, faults
 from lorabox.train.resilience.launcher import STATUS_ENV
 from lorabox.train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
@@ -46,18 +47,9 @@ def _name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _say(line: str) -> None:
-    if _main_process():
-        print(line, file=sys.stderr, flush=True)
-
-
 def _finish(trainer: Any, interrupted: bool, code: int, alone: bool = False) -> FitOutcome:
     status = os.environ.get(STATUS_ENV)
-    if status and (_main_process() or alone):
+    if status and (is_main_process() or alone):
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": interrupted}) + "\n")
     return FitOutcome(trainer, interrupted, code, alone)
 
@@ -67,7 +59,7 @@ def choose_resume(run_dir: Path, resume: str | Path | None) -> tuple[Path | None
     if resume == "never":
         existing = checkpoints.list_checkpoints(run_dir)
         if existing:
-            _say(f"resume: off (--no-resume); {len(existing)} checkpoint(s) in {run_dir} are ignored and replaced")
+            say(f"resume: off (--no-resume); {len(existing)} checkpoint(s) in {run_dir} are ignored and replaced")
         return None, None
     if resume not in (None, "auto"):
         path = Path(resume)
@@ -78,15 +70,15 @@ def choose_resume(run_dir: Path, resume: str | Path | None) -> tuple[Path | None
                 f"Expected a complete checkpoint-N directory (with {checkpoints.MARKER}). "
                 f"Next: lorabox train --config ... (resumes from the newest complete checkpoint) or --no-resume"
             )
-        _say(f"resume: from {path} (--resume)")
+        say(f"resume: from {path} (--resume)")
         return path, None
     chosen, skipped = checkpoints.newest_complete(run_dir)
     for bad in skipped:
-        _say(f"resume: skipping {bad.path}: {bad.reason}")
+        say(f"resume: skipping {bad.path}: {bad.reason}")
     if chosen is not None:
-        _say(f"resume: from {chosen} (newest complete checkpoint in {run_dir})")
+        say(f"resume: from {chosen} (newest complete checkpoint in {run_dir})")
     elif skipped:
-        _say("resume: no complete checkpoint left; starting from step 0")
+        say("resume: no complete checkpoint left; starting from step 0")
     return chosen, None
 
 
@@ -101,7 +93,7 @@ def _finished(checkpoint: Path, recipe: Any) -> bool:
 def _load_finished(trainer: Any, checkpoint: Path) -> None:
     from transformers.trainer_callback import TrainerState
 
-    _say(f"resume: {checkpoint.name} already reached the last step; loading it without training further")
+    say(f"resume: {checkpoint.name} already reached the last step; loading it without training further")
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
@@ -171,7 +163,7 @@ def fit(
     faults.cap_gpu_memory()
     checkpoint, error = choose_resume(run_dir, resume)
     if error:
-        _say(error)
+        say(error)
         return _finish(None, False, EXIT_BAD_RESUME)
     start_step = checkpoints.checkpoint_step(checkpoint) if checkpoint else 0
     settings = recipe.resilience
@@ -190,7 +182,7 @@ def fit(
                 _restore(trainer.model, initial)
             trainer.configure_resilience(on_nan=settings.on_nan, max_nan_skips=settings.max_nan_skips)
             if STOP.signum:
-                _say(f"lorabox: {_name(STOP.signum)} arrived before training started; nothing new to save")
+                say(f"{_name(STOP.signum)} arrived before training started; nothing new to save")
                 return _finish(trainer, True, exit_code(STOP.signum))
             if checkpoint is not None and _finished(checkpoint, recipe):
                 _load_finished(trainer, checkpoint)
@@ -203,7 +195,7 @@ def fit(
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
             if exc.batch is not None:
                 print(f"error: {exc.batch.describe()}.", file=sys.stderr, flush=True)
-            _say(
+            say(
                 f"error: stopped on a non-finite loss ({exc.reason}); no checkpoint was written after it: {kept}.\n"
                 "Next: lower training.learning_rate (e.g. --set training.learning_rate=1e-4), inspect that sample, "
                 "or tolerate rare spikes with --set resilience.on_nan=skip --set resilience.max_nan_skips=3"
@@ -215,7 +207,7 @@ def fit(
         can_shrink = settings.oom_backoff and micro > 1 and world == 1 and trainer is not None
         if can_shrink:
             plan = plan.halved_micro_batch()
-            _say(
+            say(
                 f"oom: out of memory at micro-batch {micro} ({seen}).\n"
                 f"oom: retrying with micro-batch {plan.micro_batch.value} x gradient accumulation "
                 f"{plan.grad_accum.value} (effective batch stays {micro * accum})"
@@ -244,8 +236,8 @@ def fit(
         return _finish(trainer, False, EXIT_OOM, alone=True)
     if trainer.stopped_by_signal:
         newest, _ = checkpoints.newest_complete(run_dir)
-        _say(
-            f"lorabox: stopped at step {trainer.state.global_step} by {_name(trainer.stopped_by_signal)}; "
+        say(
+            f"stopped at step {trainer.state.global_step} by {_name(trainer.stopped_by_signal)}; "
             f"checkpoint {newest} is complete; no final adapter was written. "
             "Run the same command again to resume from it."
         )

@@ -1,1 +1,2 @@
-"""One module per check, each with ID, TITLE and run(ctx) -> CheckResult | list[CheckResult]; see verify.registry."""
+"""One module per check, each with run(ctx) -> CheckResult | list[CheckResult] (and optionally prepare(ctx));
+see verify.registry."""

@@ -1,4 +1,5 @@
-"""What every check receives (Context) and returns (CheckResult); the narrow seams tests inject readings through."""
+"""What every check receives (Context) and returns (CheckResult, shared with preflight through env.report); the narrow
+seams tests inject readings through."""
 
 from __future__ import annotations
 
@@ -6,67 +7,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from lorabox.env.gpu import GpuReading, read_gpus
 from lorabox.env.host import HostPaths
+from lorabox.env.report import GIB, CheckResult
 from lorabox.verify.probe import Probe
+from lorabox.verify.probe_child import TorchFacts
 
-# Checks return the first four; "error" is set only by the registry when a check itself crashes.
-Status = Literal["pass", "fail", "warn", "skip", "error"]
-GIB = 1024**3
-
-
-@dataclass
-class CheckResult:
-    """One line of the report: status, what was measured (values), and for failures and warnings the fix."""
-
-    id: str
-    title: str
-    status: Status
-    message: str
-    fix: str | None = None
-    values: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "title": self.title,
-            "status": self.status,
-            "message": self.message,
-            "fix": self.fix,
-            "values": self.values,
-        }
-
-
-@dataclass
-class TorchFacts:
-    """What torch says about its build and the devices it can use: read in the probe child (verify.probe), after the
-    verifier read NVML, so the CUDA initialisation it needs happens outside the verifier's process."""
-
-    version: str
-    cuda: str | None  # torch.version.cuda; None for a CPU-only build
-    available: bool
-    device_count: int = 0
-    arch_list: list[str] = field(default_factory=list)  # e.g. ["sm_50", …, "sm_90"]
-    capabilities: list[tuple[int, int]] = field(default_factory=list)
-    bf16: bool | None = None  # torch.cuda.is_bf16_supported() on device 0, without emulation
-
-    @classmethod
-    def read(cls) -> TorchFacts:
-        import torch
-
-        available = torch.cuda.is_available()
-        count = torch.cuda.device_count() if available else 0
-        return cls(
-            version=torch.__version__,
-            cuda=torch.version.cuda,
-            available=available,
-            device_count=count,
-            arch_list=list(torch.cuda.get_arch_list()) if available else [],
-            capabilities=[tuple(torch.cuda.get_device_capability(i)) for i in range(count)],
-            bf16=torch.cuda.is_bf16_supported(including_emulation=False) if available else None,
-        )
+# The result type, GIB and the host thresholds are shared with `lorabox env preflight`; checks import them from here.
+__all__ = ["GIB", "CheckResult", "Context", "TorchFacts"]
 
 
 @dataclass

@@ -9,9 +9,6 @@ from lorabox.env.compat import BNB_MIN_CAPABILITY_4BIT, MINOR_VERSION_FLOORS, dr
 from lorabox.verify.checks.base import GIB, CheckResult, Context, TorchFacts
 from lorabox.verify.expected import expected, reinstall_fix
 
-ID = "gpu"
-TITLE = "GPU, driver and torch CUDA build"
-
 PICK = "`lorabox env pick` names the lane for this driver and GPU"
 
 

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from lorabox.env import host
+from lorabox.env.report import MIN_CACHE_FREE_BYTES, MIN_RAM_BYTES, MIN_SHM_BYTES
 from lorabox.verify.checks.base import GIB, CheckResult, Context
-
-ID = "host"
-TITLE = "Host: WSL2, container, shared memory, disk, RAM, HF cache"
-
-MIN_SHM = 1 * GIB  # Docker's default is 64 MiB: DataLoader workers then die with "bus error"
-MIN_CACHE_FREE = 20 * GIB  # a 7B checkpoint is ~14 GB in bf16 before 4-bit quantization
-MIN_RAM = 8 * GIB  # checkpoint shards pass through RAM while they are quantized
 
 
 def check_platform(ctx: Context) -> CheckResult:
@@ -44,13 +38,13 @@ def check_platform(ctx: Context) -> CheckResult:
 def check_shm(ctx: Context) -> CheckResult:
     size = host.shm_bytes(ctx.host.shm, ctx.host.mounts)
     container = host.container_kind(ctx.host.dockerenv, ctx.host.containerenv, ctx.host.cgroup)
-    values = {"path": str(ctx.host.shm), "bytes": size, "minimum": MIN_SHM}
+    values = {"path": str(ctx.host.shm), "bytes": size, "minimum": MIN_SHM_BYTES}
     title = "Shared memory (/dev/shm)"
     if size is None:
         message = f"{ctx.host.shm} does not exist; DataLoader workers cannot share tensors"
         return CheckResult("host.shm", title, "warn", message, "mount a tmpfs at /dev/shm (--shm-size=8g)", values)
-    if container and size < MIN_SHM:
-        message = f"{size / 2**20:.0f} MiB at {ctx.host.shm} inside a container (< {MIN_SHM / GIB:.0f} GiB)"
+    if container and size < MIN_SHM_BYTES:
+        message = f"{size / 2**20:.0f} MiB at {ctx.host.shm} inside a container (< {MIN_SHM_BYTES / GIB:.0f} GiB)"
         fix = "restart the container with `docker run --ipc=host …` or `--shm-size=8g`"
         return CheckResult("host.shm", title, "warn", message, fix, values)
     return CheckResult("host.shm", title, "pass", f"{size / GIB:.1f} GiB", None, values)
@@ -68,9 +62,9 @@ def check_storage(ctx: Context) -> CheckResult:
         message = f"Hugging Face cache {cache} is not writable; downloads and dataset caching will fail"
         fix = "export HF_HOME=/a/writable/dir (in Docker mount a volume there: -v hf-cache:/root/.cache/huggingface)"
         return CheckResult("host.storage", title, "fail", message, fix, values)
-    if free < MIN_CACHE_FREE:
-        message = f"{free / GIB:.1f} GiB free for {cache} (< {MIN_CACHE_FREE / GIB:.0f} GiB: a 7B checkpoint is ~14 GB)"
-        message += f"; {mode}"
+    if free < MIN_CACHE_FREE_BYTES:
+        need = MIN_CACHE_FREE_BYTES / GIB
+        message = f"{free / GIB:.1f} GiB free for {cache} (< {need:.0f} GiB: an 8B checkpoint is ~16 GB); {mode}"
         fix = "free disk space, or export HF_HOME=/a/bigger/disk"
         return CheckResult("host.storage", title, "warn", message, fix, values)
     return CheckResult(
@@ -85,9 +79,16 @@ def check_ram(ctx: Context) -> CheckResult:
     total, available = ram
     values = {"total_bytes": total, "available_bytes": available}
     message = f"{total / GIB:.1f} GiB total, {available / GIB:.1f} GiB available"
-    if total < MIN_RAM:
-        fix = "use a machine (or WSL2 .wslconfig `memory=`) with ≥ 8 GiB RAM, or add swap"
-        return CheckResult("host.ram", "RAM", "warn", f"{message} (< 8 GiB: loading checkpoints may fail)", fix, values)
+    if total < MIN_RAM_BYTES:
+        fix = f"use a machine (or WSL2 .wslconfig `memory=`) with ≥ {MIN_RAM_BYTES / GIB:.0f} GiB RAM, or add swap"
+        return CheckResult(
+            "host.ram",
+            "RAM",
+            "warn",
+            f"{message} (< {MIN_RAM_BYTES / GIB:.0f} GiB: loading checkpoints may fail)",
+            fix,
+            values,
+        )
     return CheckResult("host.ram", "RAM", "pass", message, None, values)
 
 

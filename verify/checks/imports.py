@@ -11,9 +11,6 @@ from lorabox.verify.checks.base import CheckResult, Context
 from lorabox.verify.expected import Expected, expected, reinstall_fix
 from lorabox.verify.probe import PACKAGES
 
-ID = "imports"
-TITLE = "Imports and versions"
-
 
 def prepare(ctx: Context) -> None:
     ctx.start_probe()  # the child imports while the checks before this one run
