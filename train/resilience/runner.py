@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lorabox.train.resilience import checkpoints, faults
+from lorabox.train.resilience import checkpoints, faults, segments
 from lorabox.train.resilience.launcher import STATUS_ENV
 from lorabox.train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
 
@@ -54,7 +54,18 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+_ENDINGS = {
+    EXIT_OK: "finished",
+    EXIT_BAD_RESUME: "bad resume path",
+    EXIT_OOM: "out of memory",
+    EXIT_NONFINITE: "non-finite loss",
+}
+_segment: segments.Segment | None = None
+
+
 def _finish(trainer: Any, interrupted: bool, code: int, alone: bool = False) -> FitOutcome:
+    if _segment is not None:
+        _segment.close(f"stopped by {_name(code - 128)}" if interrupted else _ENDINGS.get(code, f"exit {code}"))
     status = os.environ.get(STATUS_ENV)
     if status and (_main_process() or alone):
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": interrupted}) + "\n")
@@ -179,6 +190,8 @@ def fit(
     if error:
         _say(error)
         return _finish(None, False, EXIT_BAD_RESUME)
+    global _segment
+    _segment = segments.Segment(run_dir, checkpoint)
     start_step = checkpoints.checkpoint_step(checkpoint) if checkpoint else 0
     settings = recipe.resilience
     micro, accum = recipe.training.micro_batch_size, recipe.training.gradient_accumulation
@@ -189,6 +202,7 @@ def fit(
         tried.append(f"micro-batch {micro} x accumulation {accum}")
         try:
             trainer = make_trainer(micro, accum)
+            trainer.add_callback(_segment)
             if initial is None:
                 initial = _trainable_state(trainer.model)
             elif checkpoint is None:
@@ -205,7 +219,7 @@ def fit(
         except torch.OutOfMemoryError as exc:
             seen = _memory_seen(exc)
         except NonFiniteLoss as exc:
-            last, _ = checkpoints.newest_complete(run_dir)
+            last, _ = checkpoints.newest_complete(run_dir, content=False)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
             if exc.batch is not None:
                 print(f"error: {exc.batch.describe()}.", file=sys.stderr, flush=True)
@@ -250,7 +264,7 @@ def fit(
         )
         return _finish(trainer, False, EXIT_OOM, alone=True)
     if trainer.stopped_by_signal:
-        newest, _ = checkpoints.newest_complete(run_dir)
+        newest, _ = checkpoints.newest_complete(run_dir, content=False)
         _say(
             f"lorabox: stopped at step {trainer.state.global_step} by {_name(trainer.stopped_by_signal)}; "
             f"checkpoint {newest} is complete; no final adapter was written. "
