@@ -19,6 +19,9 @@ SUMMARY_KEYS = (
     "first_train_loss",
     "final_train_loss",
     "final_eval_loss",
+    "tokens_processed",
+    "train_time_s",
+    "segments",
 )
 
 
@@ -41,12 +44,21 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def summarize(metrics: list[dict[str, Any]], steps: int, tokens: int, wall_s: float, peak: int) -> dict[str, Any]:
-    """tokens_per_s is over Trainer's train_runtime (the loop, evals and checkpoints); wall_time_s is the whole run."""
+def summarize(
+    metrics: list[dict[str, Any]],
+    steps: int,
+    tokens: int,
+    wall_s: float,
+    peak: int,
+    segments: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """tokens is what the adapter was trained on. With `segments` (one per process: the first and each resume),
+    wall_time_s and tokens_per_s total all of them; without, tokens_per_s is over Trainer's train_runtime (the loop,
+    evals and checkpoints) and wall_time_s is this process's."""
     train = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), wall_s)
-    return {
+    summary = {
         "steps": steps,
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
@@ -56,6 +68,11 @@ def summarize(metrics: list[dict[str, Any]], steps: int, tokens: int, wall_s: fl
         "final_train_loss": train[-1] if train else None,
         "final_eval_loss": evals[-1] if evals else None,
     }
+    if segments:
+        from lorabox.train.resilience.segments import totals
+
+        summary |= {**totals(segments), "segments": segments}
+    return summary
 
 
 def _git_commit(start: Path) -> str | None:

@@ -146,7 +146,10 @@ def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wa
         return
     metrics = outputs.read_metrics(run_dir)
     state = trainer.state
-    summary = outputs.summarize(metrics, state.global_step, state.num_input_tokens_seen, wall_s, peak_memory_bytes())
+    from lorabox.train.resilience import segments
+
+    tokens, peak = state.num_input_tokens_seen, peak_memory_bytes()
+    summary = outputs.summarize(metrics, state.global_step, tokens, wall_s, peak, segments.read(run_dir))
     outputs.write_json(run_dir / "summary.json", summary)
     hashes = {str(d.path): d.sha256() for d in data}
     outputs.write_json(run_dir / "provenance.json", outputs.provenance(recipe.config_hash(), hashes))
@@ -172,6 +175,9 @@ def user_error(error: Exception) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -> int:
+    from lorabox.train.resilience.launcher import tie_to_launcher
+
+    tie_to_launcher()  # under `lorabox train`: this rank ends when the launcher does
     args = build_parser(prog).parse_args(argv)
     console.hide_known_warnings()
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too

@@ -23,10 +23,12 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from lorabox.train.resilience import checkpoints
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.container
@@ -35,6 +37,10 @@ BASE = os.environ.get("LORABOX_BASE_IMAGE", "localhost/debian:bookworm")
 WHEELS = Path(os.environ.get("PIP_FIND_LINKS", "/opt/wheels"))  # the host's CPU torch wheel, if it has one
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 TIMINGS: dict[str, float] = {}
+# Every tag and container name this session creates carries it, so two test sessions on one machine never share
+# (and never remove) each other's images or containers. The pins-env stand-in is shared on purpose: its tag hashes
+# its inputs, and it is never removed.
+SESSION = uuid.uuid4().hex[:10]
 
 
 def podman(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -133,7 +139,9 @@ def plan(*args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cloud_image(env_image) -> str:
-    cloud = plan("--flavour", "cloud", "--base-image", BASE, "--env-image", env_image, "--registry", "localhost")
+    cloud = plan(
+        "--flavour", "cloud", "--base-image", BASE, "--env-image", env_image, "--registry", f"localhost/test-{SESSION}"
+    )
     args = [f"--build-arg={k}={v}" for k, v in cloud["buildargs"].items()]
     args += [f"--label={k}={v}" for k, v in cloud["labels"].items()]
     build_image(
@@ -157,7 +165,7 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
         f"FROM {BASE}\nRUN mkdir -p /app/.pixi/envs/cpu/bin && echo 'export CONDA_PREFIX=/app/.pixi/envs/cpu' "
         "> /app/activate.sh\n"
     )
-    tiny = "localhost/lorabox-tiny-env:test"
+    tiny = f"localhost/lorabox-tiny-env:test-{SESSION}"
     podman("build", "--format", "docker", "-q", "-t", tiny, str(context))
     started = time.monotonic()
     done = subprocess.run(
@@ -175,7 +183,7 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
             "--env-image",
             tiny,
             "--registry",
-            "localhost/lorabox-api-test",
+            f"localhost/lorabox-api-test-{SESSION}",
         ],
         capture_output=True,
         text=True,
@@ -282,7 +290,7 @@ def test_stop_checkpoints_then_resume(cloud_image, tmp_path):
     outputs.mkdir()
     os.chown(outputs, 1000, 1000)  # the image's user; a named volume would get this from the image itself
     write_recipe(recipe)
-    name = f"lorabox-stop-{os.getpid()}"
+    name = f"lorabox-stop-{SESSION}"
     mounts = [
         "-v",
         f"{outputs}:/outputs",
@@ -312,9 +320,7 @@ def test_stop_checkpoints_then_resume(cloud_image, tmp_path):
     timed("cloud run until stop", started)
     assert exit_code == 143, (logs.stdout + logs.stderr)[-4000:]
     stopped_at = complete_checkpoints(run_dir)[-1]
-    marker = json.loads((stopped_at / "lorabox-complete.json").read_text())
-    for file_name, size in marker["files"].items():
-        assert (stopped_at / file_name).stat().st_size == size, file_name
+    assert checkpoints.problem(stopped_at) is None  # every file matches the size and sha256 in its marker
     assert not (run_dir / "adapter").exists(), "a stopped run must not write the final adapter"
     assert (outputs / "verify.json").is_file()
 

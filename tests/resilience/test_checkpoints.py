@@ -75,3 +75,24 @@ def test_prune_keeps_the_newest_complete_and_drops_older_partials(tmp_path):
     removed = checkpoints.prune(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["checkpoint-2", "checkpoint-5"]
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-6", "checkpoint-4"]
+
+
+def test_a_file_changed_in_place_is_caught_by_its_digest_and_the_previous_checkpoint_is_used(tmp_path):
+    complete(tmp_path, 2)
+    damaged = complete(tmp_path, 4)
+    with (damaged / "adapter.safetensors").open("r+b") as stream:  # same size, different bytes
+        stream.seek(1)
+        stream.write(b"x")
+    assert checkpoints.problem(damaged, content=False) is None  # the cheap structural check cannot see it
+    reason = "adapter.safetensors does not match the sha256 in its marker (its bytes changed after it was written)"
+    assert checkpoints.problem(damaged) == reason
+    assert checkpoints.newest_complete(tmp_path) == (
+        tmp_path / "checkpoint-2",
+        [checkpoints.CheckpointProblem(damaged, reason)],
+    )
+
+
+def test_a_marker_without_digests_is_not_trusted(tmp_path):
+    final = complete(tmp_path, 2)
+    (final / checkpoints.MARKER).write_text('{"step": 2, "files": {"adapter.safetensors": 2, "optimizer.pt": 10}}')
+    assert "lacks sizes and sha256 digests" in checkpoints.problem(final)

@@ -82,7 +82,7 @@ def test_sigterm_during_a_gpu_run_saves_and_exits_143(tmp_path):
     recipe = tmp_path / "gpu.yaml"
     recipe.write_text(
         "model: {name_or_path: 'bundled:tiny-llama'}\n"
-        f"data: {{train_file: {REPO / 'train' / 'data' / 'demo-instruction.jsonl'}, eval_fraction: 0}}\n"
+        f"data: {{train_file: {REPO / 'train' / 'samples' / 'demo-instruction.jsonl'}, eval_fraction: 0}}\n"
         "training: {micro_batch_size: 4, gradient_accumulation: 1, max_steps: 120, save_steps: 2, logging_steps: 1}\n"
     )
     run_dir = tmp_path / "run"

@@ -35,7 +35,7 @@ while not seen:
 Path(os.environ["LORABOX_STATUS_FILE"]).write_text(json.dumps({"exit_code": 128 + seen[0]}))
 sys.exit(0)
 """
-LAUNCH = "import sys; from train.resilience.launcher import launch; sys.exit(launch(sys.argv[1:]))"
+LAUNCH = "import sys; from lorabox.train.resilience.launcher import launch; sys.exit(launch(sys.argv[1:]))"
 
 
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

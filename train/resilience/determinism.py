@@ -1,7 +1,9 @@
-"""Seeding and the deterministic-kernel switch (resilience.deterministic), with a plain statement of the cost."""
+"""Seeding, the deterministic-kernel switch (resilience.deterministic) with its cost, and keeping evaluation out of
+the training stream (random states and bitsandbytes' CPU weight layout), so a resumed run repeats the same steps."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # cuBLAS needs a fixed workspace per stream for reproducible reductions; it must be set before CUDA starts.
@@ -39,3 +41,49 @@ def apply(seed: int, deterministic: bool) -> str:
     if late:
         line += "; WARNING: CUDA was already initialised, so CUBLAS_WORKSPACE_CONFIG may not take effect"
     return line
+
+
+@contextlib.contextmanager
+def streams_untouched():
+    """Run a block (an evaluation) without moving any random stream that training steps draw from.
+
+    Why: every `iter()` of a DataLoader without its own generator draws its base seed from torch's global generator,
+    and the eval loader is one; that draw shifts every later dropout mask. The checkpoint after an evaluation holds
+    the shifted state, so resuming from it was exact, but the training stream still depended on when evaluations
+    ran: a stop at an evaluation step (which skips the evaluation), or a changed eval cadence on resume, changed
+    every later loss. Restoring the states makes training draw the same numbers whether or not evaluations run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    saved_cuda = torch.cuda.get_rng_state_all() if cuda else None
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state_all(saved_cuda)
+
+
+def keep_base_layout(model) -> int:
+    """Stop bitsandbytes from repacking the frozen 4-bit base weights the first time it evaluates on CPU; returns
+    how many layers were switched.
+
+    Why (bitsandbytes 0.50, nn/modules.py Linear4bit.forward and functional._convert_weight_packed_for_cpu): on a CPU
+    with AVX512-BF16, a forward pass in eval mode without gradients converts the layer's weights, in place and for
+    good, to a layout for its bf16 kernel, with the absmax scales rounded to bf16. Every later training step then
+    runs on that kernel. A run that resumes from a checkpoint loads the base afresh in the original layout and
+    computes the next steps differently (step 121 of the demo: 1.55908 against 1.55905, the gap growing to 4e-3),
+    and the checkpoint cannot capture it, because the base weights are not saved. Cost: evaluation on such CPUs
+    keeps the standard (slower) path; GPUs never take the packed path."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched

@@ -8,15 +8,22 @@ Recognised faults:
                        (N=0: even micro-batch 1 fails)
   gpu-memory-percent:P cap this process at P% of GPU 0 (torch.cuda.set_per_process_memory_fraction), so a real
                        allocation fails the way it would on a smaller card
+  pause-at-step:K      at the end of optimizer step K (before its evaluation and checkpoint) write the rank's PID to
+                       $LORABOX_FAULT_DIR/paused-rank<R>, then wait until $LORABOX_FAULT_DIR/go exists or a stop signal
+                       arrived: a test acts on a run that is certainly still running, at a known step
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 ENV = "LORABOX_FAULT"
-KNOWN = ("after-write", "nan-at-step", "oom-above-batch", "gpu-memory-percent")
+DIR_ENV = "LORABOX_FAULT_DIR"
+KNOWN = ("after-write", "nan-at-step", "oom-above-batch", "gpu-memory-percent", "pause-at-step")
 
 
 def active() -> dict[str, int | None]:
@@ -50,3 +57,15 @@ def cap_gpu_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(percent / 100)
         sys.stderr.write(f"lorabox: {ENV}: GPU memory capped at {percent}% of {torch.cuda.get_device_name()}\n")
+
+
+def pause_if(step: int, rank: int, stopping: Callable[[], bool]) -> None:
+    """Apply pause-at-step:K at the end of step K: announce it, then wait for the go file or a stop signal."""
+    if active().get("pause-at-step") != step:
+        return
+    directory = Path(os.environ[DIR_ENV])
+    announced = directory / f"paused-rank{rank}"
+    (directory / f".{announced.name}.tmp").write_text(str(os.getpid()))
+    (directory / f".{announced.name}.tmp").replace(announced)  # a reader never sees it half-written
+    while not stopping() and not (directory / "go").exists():
+        time.sleep(0.05)

@@ -16,7 +16,7 @@ import torch
 
 from lorabox.env.runplan import RunPlan
 from lorabox.train.console import is_main_process, say
-from lorabox.train.resilience import checkpoints, faults
+from lorabox.train.resilience import checkpoints, faults, segments
 from lorabox.train.resilience.launcher import STATUS_ENV
 from lorabox.train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
 
@@ -47,7 +47,18 @@ def _name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+_ENDINGS = {
+    EXIT_OK: "finished",
+    EXIT_BAD_RESUME: "bad resume path",
+    EXIT_OOM: "out of memory",
+    EXIT_NONFINITE: "non-finite loss",
+}
+_segment: segments.Segment | None = None
+
+
 def _finish(trainer: Any, interrupted: bool, code: int, alone: bool = False) -> FitOutcome:
+    if _segment is not None:
+        _segment.close(f"stopped by {_name(code - 128)}" if interrupted else _ENDINGS.get(code, f"exit {code}"))
     status = os.environ.get(STATUS_ENV)
     if status and (is_main_process() or alone):
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": interrupted}) + "\n")
@@ -165,6 +176,8 @@ def fit(
     if error:
         say(error)
         return _finish(None, False, EXIT_BAD_RESUME)
+    global _segment
+    _segment = segments.Segment(run_dir, checkpoint)
     start_step = checkpoints.checkpoint_step(checkpoint) if checkpoint else 0
     settings = recipe.resilience
     tried: list[str] = []
@@ -175,6 +188,7 @@ def fit(
         tried.append(f"micro-batch {micro} x accumulation {accum}")
         try:
             trainer = make_trainer(plan)
+            trainer.add_callback(_segment)
             if initial is None:
                 initial = _trainable_state(trainer.model)
             elif checkpoint is None:
@@ -191,7 +205,7 @@ def fit(
         except torch.OutOfMemoryError as exc:
             seen = _memory_seen(exc)
         except NonFiniteLoss as exc:
-            last, _ = checkpoints.newest_complete(run_dir)
+            last, _ = checkpoints.newest_complete(run_dir, content=False)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
             if exc.batch is not None:
                 print(f"error: {exc.batch.describe()}.", file=sys.stderr, flush=True)
@@ -235,7 +249,7 @@ def fit(
         )
         return _finish(trainer, False, EXIT_OOM, alone=True)
     if trainer.stopped_by_signal:
-        newest, _ = checkpoints.newest_complete(run_dir)
+        newest, _ = checkpoints.newest_complete(run_dir, content=False)
         say(
             f"stopped at step {trainer.state.global_step} by {_name(trainer.stopped_by_signal)}; "
             f"checkpoint {newest} is complete; no final adapter was written. "

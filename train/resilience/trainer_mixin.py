@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from lorabox.train.resilience import checkpoints, faults
+from lorabox.train.resilience import checkpoints, determinism, faults
 
-HANDLED = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: `lorabox train` forwards it when its terminal closes; it is a stop like the other two.
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequest:
@@ -29,10 +30,17 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.installed = False
+        self.terminal_fds: tuple[int, ...] = ()
 
     def _handle(self, signum: int, frame) -> None:
         # Only async-signal-safe work here: set the flag and write with os.write (print could re-enter its buffer).
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            # The terminal is gone: writing to it now fails with EIO, which would abort the checkpoint save.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in self.terminal_fds:
+                os.dup2(devnull, fd)
+            os.close(devnull)
         if self.signum is None:
             self.signum = signum
             line = f"\nlorabox: {name} received; finishing this step, saving a checkpoint, then stopping\n"
@@ -44,6 +52,7 @@ class StopRequest:
     def install(self) -> StopRequest:
         """Install the handlers (idempotent; only possible from the main thread)."""
         if not self.installed and threading.current_thread() is threading.main_thread():
+            self.terminal_fds = tuple(fd for fd in (1, 2) if os.isatty(fd))
             for sig in HANDLED:
                 signal.signal(sig, self._handle)
             self.installed = True
@@ -54,7 +63,7 @@ STOP = StopRequest()
 
 
 def exit_code(signum: int) -> int:
-    """The shell convention 128 + signal number: 143 for SIGTERM, 130 for SIGINT."""
+    """The shell convention 128 + signal number: 143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP."""
     return 128 + signum
 
 
@@ -128,6 +137,7 @@ class _ResilienceCallback(TrainerCallback):
         raise NonFiniteLoss(bad, reason)
 
     def on_step_end(self, args, state, control, **kwargs):
+        faults.pause_if(state.global_step, args.process_index, lambda: STOP.signum is not None)
         signum = STOP.signum or 0
         agreed = int(_any_rank(float(signum), args.device))
         if agreed:
@@ -152,6 +162,12 @@ class ResilientTrainerMixin:
         self._micro_batch_index = 0
         self._faults = faults.active()
         self.add_callback(_ResilienceCallback(self))
+        determinism.keep_base_layout(self.model)
+
+    def evaluate(self, *args, **kwargs):
+        """Evaluate without moving the random streams that later training steps draw from (see determinism)."""
+        with determinism.streams_untouched():
+            return super().evaluate(*args, **kwargs)
 
     def configure_resilience(self, on_nan: str = "stop", max_nan_skips: int = 0) -> None:
         self.on_nan, self.max_nan_skips = on_nan, max_nan_skips
