@@ -145,12 +145,15 @@ def test_fit_backs_off_with_plans_derived_from_the_last(tmp_path):
             model=model,
             args=SimpleNamespace(world_size=1),
             configure_resilience=lambda **_: None,
+            add_callback=lambda _callback: None,
             train=train,
             stopped_by_signal=None,
         )
 
     spec = recipe(tmp_path, "training.micro_batch_size=4", "training.gradient_accumulation=1")
-    outcome = fit(make_trainer, plan_run(spec, CPU), spec, tmp_path / "run", "never")
+    run_dir = tmp_path / "run"  # train.run creates it before fit() in a real run
+    run_dir.mkdir()
+    outcome = fit(make_trainer, plan_run(spec, CPU), spec, run_dir, "never")
     assert outcome.exit_code == 0
     assert seen == [(4, 1), (2, 2), (1, 4)]
 
