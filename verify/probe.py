@@ -76,6 +76,41 @@ def import_problem(module: str) -> tuple[str, str] | None:
     return None
 
 
+# Imports one module in a fresh interpreter that sees the caller's sys.path, and prints its import_problem().
+ALONE = (
+    "import json, os, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from lorabox.verify.probe import import_problem; print(json.dumps(import_problem(sys.argv[2])), flush=True); "
+    "os._exit(0)"
+)
+
+
+def probe_alone(modules: list[str] | tuple[str, ...]) -> dict[str, tuple[str, str] | None]:
+    """Import each module on its own, in parallel fresh interpreters: a native library that kills the process
+    that imported five packages is blamed on the one that dies alone, not on the four that import fine."""
+    names = list(modules)
+    command = [sys.executable, "-S", "-c", ALONE, json.dumps(sys.path)]
+    children = {
+        m: subprocess.Popen([*command, m], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in names
+    }
+    found: dict[str, tuple[str, str] | None] = {}
+    for module, child in children.items():
+        try:
+            out, err = child.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, err = child.communicate()
+        try:
+            answer = json.loads(out.strip().splitlines()[-1])
+            found[module] = tuple(answer) if answer else None
+        except (IndexError, ValueError):
+            tail = err.strip()[-300:] or "no output on stderr"
+            found[module] = (
+                "broken",
+                f"importing it alone in a fresh Python: {how_it_ended(child.returncode)}: {tail}",
+            )
+    return found
+
+
 def how_it_ended(returncode: int) -> str:
     if returncode >= 0:
         return f"exit {returncode}"
@@ -169,10 +204,12 @@ class Probe:
     def import_problems(self) -> dict[str, tuple[str, str] | None]:
         """Every package's import problem (None: imported); a package whose child died before answering is suspect."""
         answered = self.section("imports") or {}
+        # Their child died mid-import (a segfaulting native library, a hang): import each alone to find the culprit.
+        alone = probe_alone([module for module, _, _ in PACKAGES if module not in answered])
         problems = {}
         for module, _, _ in PACKAGES:
-            if module not in answered:  # its child died mid-import (a segfaulting native library, a hang)
-                problems[module] = ("broken", self.crash_detail("importing"))
+            if module not in answered:
+                problems[module] = alone[module]
             else:
                 problems[module] = tuple(answered[module]) if answered[module] else None
         return problems
