@@ -34,9 +34,9 @@ def import_failure(error: ImportError) -> str:
 def attribute_crash() -> str | None:
     """After a rank died without reporting (a native library killed it): import each training package alone in a
     fresh interpreter and name the ones that fail; None when they all import (the crash is something else)."""
-    from lorabox.verify.probe import probe_alone
+    from lorabox.verify.probe import attribute
 
-    failed = {module: problem for module, problem in probe_alone(TRAINING_MODULES).items() if problem}
+    failed = {module: problem for module, problem in attribute(list(TRAINING_MODULES)).items() if problem}
     if not failed:
         return None
     named = "; ".join(f"{module}: {detail}" for module, (_, detail) in failed.items())
