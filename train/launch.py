@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
     except (RecipeError, DataError, rundir.RunDirError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as error:  # the recipe file itself
+        print(f"{prog}: {args.config}: not UTF-8 text (byte {error.start}); save the recipe as UTF-8", file=sys.stderr)
+        return 2
     os.environ[rundir.HELD_ENV] = str(run_dir)  # the ranks' preflight knows this process holds the lock
     if recipe.model.is_bundled:  # build it once now, so the ranks do not race to build it
         from lorabox.train.tiny_model import resolve

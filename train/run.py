@@ -76,7 +76,7 @@ class Setup:
 
 def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
     train = read_jsonl(recipe.data.train_file, recipe.data.format)
-    evaluation = read_jsonl(recipe.data.eval_file, train.shape) if recipe.data.eval_file else None
+    evaluation = read_jsonl(recipe.data.eval_file, train.shape, "data.eval_file") if recipe.data.eval_file else None
     for data in filter(None, (train, evaluation)):
         say(
             f"{data.path}: {len(data.rows)} {data.shape} rows"
