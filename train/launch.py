@@ -151,4 +151,10 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         if blame:
             print(f"{prog}: {blame}", file=sys.stderr, flush=True)
             return environment.EXIT_ENVIRONMENT
+        print(
+            f"{prog}: a training process ended without reporting an outcome (killed, or crashed: see above); "
+            f"complete checkpoints in {run_dir} are kept: run the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
     return code

@@ -23,7 +23,8 @@ examples (usually started for you by `lorabox train`, which picks the accelerate
   accelerate launch --config_file train/accelerate/cpu.yaml -m lorabox.train --config train/recipes/demo.yaml
   python -m lorabox.train --config my.yaml --set training.max_steps=20 --run-dir runs/try
   python -m lorabox.train --config my.yaml --resume runs/my/checkpoint-200
-exit codes: 0 done, 2 bad recipe or data, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+exit codes: 0 done, 2 bad recipe, data or run directory, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+            5 training packages missing or broken, 6 the run directory could not be written,
             130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
 """
 
@@ -94,7 +95,9 @@ def preflight(recipe: Recipe, run_dir: Path, allow_change: bool, take_lock: bool
 
     train_data, eval_data = validate_data(recipe)
     hashes = {"data.train_file": train_data.sha256()} | ({"data.eval_file": eval_data.sha256()} if eval_data else {})
-    for line in rundir.prepare(recipe, run_dir, take_lock) + identity.compare(recipe, run_dir, hashes, allow_change):
+    for line in rundir.prepare(recipe, run_dir, take_lock):
+        say(line)
+    for line in identity.compare(recipe, run_dir, hashes, allow_change):
         say(line)
     return train_data, eval_data, hashes
 

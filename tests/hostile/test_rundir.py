@@ -76,7 +76,7 @@ def test_changed_data_content_under_the_same_path_is_refused(tmp_path, finished_
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(b"model: [unclosed\n", "unreadable (ScannerError"), (b"- a list\n", "not a recipe (a YAML list)")],
+    [(b"model: [unclosed\n", "unreadable (ParserError"), (b"- a list\n", "not a recipe (a YAML list)")],
     ids=["garbage", "list"],
 )
 def test_damaged_config_yaml_is_refused_not_overwritten(prior_run, content, expected):
