@@ -3,10 +3,12 @@ and file snapshots that prove a refused or failed run lost or altered nothing wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_DATA = REPO / "train" / "samples" / "demo-instruction.jsonl"
 # The lock file is rewritten by every run that gets the lock; it is the one file a refused run may touch.
 LOCK_FILE = ".lorabox.lock"
+STARTED: list[subprocess.Popen] = []  # background runs of the current test
 
 
 def run_lorabox(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -27,10 +30,35 @@ def run_lorabox(*args: str, env: dict | None = None, timeout: float = 300) -> su
     return subprocess.run(command, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def start_lorabox(*args: str, env: dict | None = None) -> subprocess.Popen:
+def start_lorabox(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`lorabox ARGS…` in the background; its output goes to `log` (a pipe nobody reads would fill and block it)."""
     environ = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     command = [sys.executable, "-m", "lorabox.train.cli", *args]
-    return subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, env=environ, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    process.log = log
+    STARTED.append(process)
+    return process
+
+
+def _tree(pid: int) -> list[int]:
+    from lorabox.train.resilience.launcher import child_pids
+
+    return [pid] + [p for child in child_pids(pid) for p in _tree(child)]
+
+
+@pytest.fixture(autouse=True)
+def reap_background_runs():
+    """A failed test must not leave its training running: kill what it started, ranks included (accelerate runs in
+    its own session, so the launcher's death alone would not reach them)."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            for pid in reversed(_tree(process.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
 
 
 def assert_refused(done: subprocess.CompletedProcess, code: int, *texts: str) -> str:

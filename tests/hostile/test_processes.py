@@ -35,11 +35,12 @@ def wait_for_checkpoint(run: Path, process: subprocess.Popen, newer_than: int = 
 
 
 def output(process: subprocess.Popen) -> str:
-    return process.stdout.read() if process.stdout else ""
+    return process.log.read_text(errors="replace")
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    text, _ = process.communicate(timeout=timeout)
+    process.wait(timeout=timeout)
+    text = output(process)
     assert "Traceback" not in text, text[-3000:]
     return process.returncode, text
 
@@ -53,7 +54,7 @@ def long_recipe(tmp_path, demo_rows):
 
 def test_busy_directory_then_sigterm_then_resume_with_a_new_length(tmp_path, long_recipe):
     run = tmp_path / "run"
-    first = start_lorabox("train", "--config", str(long_recipe))
+    first = start_lorabox("train", "--config", str(long_recipe), log=tmp_path / "log")
     saved = wait_for_checkpoint(run, first)
     second = run_lorabox("train", "--config", str(long_recipe))
     assert_refused(second, 2, f"is in use by PID {first.pid} on host {os.uname().nodename}")
@@ -64,16 +65,19 @@ def test_busy_directory_then_sigterm_then_resume_with_a_new_length(tmp_path, lon
     assert newest is not None and checkpoints.checkpoint_step(newest) >= checkpoints.checkpoint_step(saved)
     kept = snapshot(newest)
     end = checkpoints.checkpoint_step(newest) + 2
-    done = run_lorabox("train", "--config", str(long_recipe), "--set", f"training.max_steps={end}")
+    # A SIGTERM checkpoint may fall between save_steps multiples; a larger limit keeps it through two more saves.
+    longer = ["--set", f"training.max_steps={end}", "--set", "training.save_total_limit=5"]
+    done = run_lorabox("train", "--config", str(long_recipe), *longer)
     assert_refused(done, 0, f"training.max_steps: 4000 -> {end}", "the cosine schedule now ends at step")
-    assert_kept(kept, newest)  # the checkpoint resumed from is unchanged (save_total_limit 2 keeps it)
+    assert "training.save_total_limit: 2 -> 5" in done.stdout + done.stderr
+    assert_kept(kept, newest)  # the checkpoint resumed from is unchanged
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert list(run.glob("config.*.yaml")), "the previous segment's config.yaml is kept beside the new one"
 
 
 def test_sigint_to_the_launcher_saves_and_exits_130(tmp_path, long_recipe):
     run = tmp_path / "run"
-    process = start_lorabox("train", "--config", str(long_recipe))
+    process = start_lorabox("train", "--config", str(long_recipe), log=tmp_path / "log")
     wait_for_checkpoint(run, process)
     process.send_signal(signal.SIGINT)
     code, _ = finish(process)
@@ -84,7 +88,7 @@ def test_sigint_to_the_launcher_saves_and_exits_130(tmp_path, long_recipe):
 
 def test_sigkill_of_a_rank_exits_1_keeps_checkpoints_and_frees_the_lock(tmp_path, long_recipe):
     run = tmp_path / "run"
-    process = start_lorabox("train", "--config", str(long_recipe))
+    process = start_lorabox("train", "--config", str(long_recipe), log=tmp_path / "log")
     saved = wait_for_checkpoint(run, process)
     kept = snapshot(saved)
     ranks = [rank for accelerate in child_pids(process.pid) for rank in child_pids(accelerate)]
@@ -103,7 +107,7 @@ def test_sigkill_of_a_rank_exits_1_keeps_checkpoints_and_frees_the_lock(tmp_path
 def test_disk_full_mid_run_exits_6_keeps_checkpoints_and_the_rerun_cleans_up(tmp_path, long_recipe, tmpfs):
     mount = tmpfs("32m")
     run = mount / "run"
-    process = start_lorabox("train", "--config", str(long_recipe), "--run-dir", str(run))
+    process = start_lorabox("train", "--config", str(long_recipe), "--run-dir", str(run), log=tmp_path / "log")
     saved = wait_for_checkpoint(run, process)
     kept = {path: snapshot(path) for path in checkpoints.list_checkpoints(run) if checkpoints.problem(path) is None}
     filler = mount / "filler"
@@ -171,7 +175,9 @@ def test_lorabox_python_module_entry_takes_the_lock_itself(tmp_path, long_recipe
     run = tmp_path / "run"
     command = [sys.executable, "-m", "lorabox.train", "--config", str(long_recipe), "--run-dir", str(run)]
     environ = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(tmp_path / "log", "w") as sink:
+        process = subprocess.Popen(command, env=environ, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    process.log = tmp_path / "log"
     try:
         wait_for_checkpoint(run, process)
         refused = run_lorabox("train", "--config", str(long_recipe))
