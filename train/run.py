@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
 
     from lorabox.train.resilience import determinism
 
-    say(determinism.apply(recipe.training.seed, recipe.resilience.deterministic))  # before the model and CUDA exist
     try:
+        # Before the model and CUDA exist; it imports transformers, so a broken training stack shows up here first.
+        say(determinism.apply(recipe.training.seed, recipe.resilience.deterministic))
         ready = setup(recipe, train_data, eval_data)
         from lorabox.train.trainer import LoraboxTrainer, MetricsFile, sft_config
     except ImportError as error:  # a package of the training stack is missing or broken
