@@ -75,17 +75,48 @@ def _check_row(row: dict[str, Any], shape: str) -> tuple[str | None, str | None]
     return None, None if has_answer else "no assistant message with content"
 
 
-def read_jsonl(path: Path, shape: str = "auto") -> DataSet:
-    """Validate every line; raise DataError listing each broken line as `file:line: what, expected`."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; set data.train_file to a JSONL file (one JSON object per line)")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not any(line.strip() for line in lines):
+def _lines(path: Path, key: str) -> list[tuple[int, str]]:
+    """(line number, text) for every line; BOM and CRLF tolerated; a byte sequence that is not UTF-8 is a DataError."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; set {key} to a JSONL file (one JSON object per line)")
+    if not path.exists():
+        raise DataError(f"{path}: file not found; set {key} to a JSONL file (one JSON object per line)")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror}); set {key} to a readable JSONL file") from None
+    # Editors on Windows write a byte-order mark and CRLF endings; neither changes the rows.
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    # bytes.splitlines splits on \n, \r and \r\n only (str.splitlines would also split inside a row at U+2028).
+    for number, chunk in enumerate(raw.splitlines(), start=1):
+        try:
+            lines.append((number, chunk.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            byte = chunk[error.start]
+            raise DataError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{byte:02x} at column {error.start + 1}); "
+                "expected UTF-8 JSON lines: re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+            ) from None
+    return lines
+
+
+def _expected_object(shape: str) -> str:
+    if shape in SHAPES:
+        return f"expected an object like {SHAPES[shape]}"
+    return "expected an object in one of the shapes: " + "; ".join(f"{name} {ex}" for name, ex in SHAPES.items())
+
+
+def read_jsonl(path: Path, shape: str = "auto", key: str = "data.train_file") -> DataSet:
+    """Validate every line; raise DataError listing each broken line as `file:line: what; expected`.
+    `key` is the recipe key that named the file, so the message says which one to fix."""
+    lines = _lines(path, key)
+    if not any(line.strip() for _, line in lines):
         raise DataError(f"{path}: the file is empty; expected one JSON object per line, e.g. {SHAPES['instruction']}")
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -96,7 +127,8 @@ def read_jsonl(path: Path, shape: str = "auto") -> DataSet:
             )
             continue
         if not isinstance(row, dict):
-            problems.append(f"{path}:{number}: a JSON {type(row).__name__}, expected an object like {SHAPES['text']}")
+            kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
+            problems.append(f"{path}:{number}: a JSON {kind}, not an object; {_expected_object(shape)}")
             continue
         if shape == "auto":
             shape = detect_shape(row) or "auto"
@@ -117,9 +149,11 @@ def read_jsonl(path: Path, shape: str = "auto") -> DataSet:
         more = f"\n… and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError("\n".join(problems[:MAX_LISTED]) + more)
     if not rows:
+        listed = "\n".join(f"  {line}" for line in skipped[:MAX_LISTED])
+        more = f"\n  … and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
         raise DataError(
-            f"{path}: no usable rows: all {len(skipped)} were filtered out ({skipped[0].split(': ', 1)[1]}, …); "
-            f"expected at least one {shape} row with content"
+            f"{path}: no usable rows: all {len(skipped)} were filtered out; "
+            f"expected at least one {shape} row with content:\n{listed}{more}"
         )
     return DataSet(path, shape, rows, skipped)
 

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from lorabox.env.recipe import RecipeError, load_recipe
+from lorabox.train import environment, rundir
 from lorabox.train.console import say
-from lorabox.train.run import add_run_arguments
+from lorabox.train.data import DataError
+from lorabox.train.run import add_run_arguments, preflight
 
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
 # `lorabox train NAME …` for these names runs a sibling module instead of training
@@ -25,7 +27,9 @@ examples:
   lorabox train --config my.yaml --run-dir runs/my --no-resume       # start over instead of resuming
   lorabox train merge runs/my --out merged/                          # base (dequantised) + adapter, safetensors
   lorabox train generate runs/my --prompt "What is the capital of Peru?"
-exit codes: 0 done, 2 bad recipe/data/arguments, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+exit codes: 0 done, 2 bad recipe/data/arguments/run directory (checked before anything starts),
+            3 out of memory at micro-batch 1, 4 NaN/inf loss, 5 training packages missing or broken (lorabox verify),
+            6 the run directory could not be written (disk full, read-only, no permission),
             130/143 stopped by SIGINT/SIGTERM (a complete checkpoint was saved; run again to resume)
 """
 
@@ -66,7 +70,8 @@ def choose_accelerate_config(explicit: Path | None, num_processes: int | None) -
 def accelerate_command(
     config: Path, num_processes: int | None, threads: int | None, train_args: list[str]
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    # --quiet: a rank that dies makes accelerate exit 1 instead of printing its own CalledProcessError traceback.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
     if threads is not None:
@@ -76,17 +81,44 @@ def accelerate_command(
     return [*cmd, "-m", "lorabox.train", *train_args]
 
 
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the launcher's own arguments, found before anything starts."""
+    if args.num_processes is not None and args.num_processes < 1:
+        return f"--num-processes {args.num_processes}: expected 1 or more"
+    if args.accelerate_config is not None and not args.accelerate_config.is_file():
+        return f"accelerate config {args.accelerate_config} not found; pick one of {ACCELERATE_DIR}/*.yaml"
+    if args.resume is not None:
+        from lorabox.train.resilience import checkpoints
+
+        reason = checkpoints.problem(args.resume) if args.resume.is_dir() else "it is not a directory"
+        if reason:
+            return (
+                f"cannot resume from {args.resume}: {reason}; expected a complete checkpoint-N directory. "
+                "Leave out --resume to continue from the newest complete checkpoint, or pass --no-resume"
+            )
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]])
         return int(module.main(argv[1:], prog=f"{prog} {argv[0]}") or 0)
     args = build_parser(prog).parse_args(argv)
-    try:  # fail here, in one clear message, rather than once per rank
+    try:  # fail here, in one clear message, before accelerate and torch start, rather than once per rank
+        problem = argument_problem(args)
+        if problem:
+            raise rundir.RunDirError(problem)
         recipe = load_recipe(args.config, args.set)
-    except RecipeError as error:
+        run_dir = (args.run_dir or recipe.output_dir).resolve()
+        preflight(recipe, run_dir, args.allow_recipe_change, take_lock=True)  # the lock is held until we exit
+    except (RecipeError, DataError, rundir.RunDirError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as error:  # the recipe file itself
+        print(f"{prog}: {args.config}: not UTF-8 text (byte {error.start}); save the recipe as UTF-8", file=sys.stderr)
+        return 2
+    os.environ[rundir.HELD_ENV] = str(run_dir)  # the ranks' preflight knows this process holds the lock
     if recipe.model.is_bundled:  # build it once now, so the ranks do not race to build it
         from lorabox.train.tiny_model import resolve
 
@@ -96,8 +128,8 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         print(f"{prog}: accelerate config {config} not found; pick one of {ACCELERATE_DIR}/*.yaml", file=sys.stderr)
         return 2
     train_args = ["--config", str(args.config.resolve()), *(a for item in args.set for a in ("--set", item))]
-    if args.run_dir:
-        train_args += ["--run-dir", str(args.run_dir.resolve())]
+    train_args += ["--run-dir", str(run_dir)]
+    train_args += ["--allow-recipe-change"] if args.allow_recipe_change else []
     train_args += ["--resume", str(args.resume.resolve())] if args.resume else []
     train_args += ["--no-resume"] if args.no_resume else []
     say(f"accelerate config {config.name}: {why}")
@@ -113,4 +145,16 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
     say(" ".join(cmd))
     from lorabox.train.resilience.launcher import launch
 
-    return launch(cmd)
+    code = launch(cmd)
+    if code in (1, 134, 135, 137, 139):  # a rank died without reporting: a native library is the usual suspect
+        blame = environment.attribute_crash()
+        if blame:
+            print(f"{prog}: {blame}", file=sys.stderr, flush=True)
+            return environment.EXIT_ENVIRONMENT
+        print(
+            f"{prog}: a training process ended without reporting an outcome (killed, or crashed: see above); "
+            f"complete checkpoints in {run_dir} are kept: run the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+    return code

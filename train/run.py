@@ -26,7 +26,8 @@ examples (usually started for you by `lorabox train`, which picks the accelerate
   accelerate launch --config_file train/accelerate/cpu.yaml -m lorabox.train --config train/recipes/demo.yaml
   python -m lorabox.train --config my.yaml --set training.max_steps=20 --run-dir runs/try
   python -m lorabox.train --config my.yaml --resume runs/my/checkpoint-200
-exit codes: 0 done, 2 bad recipe or data, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+exit codes: 0 done, 2 bad recipe, data or run directory, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+            5 training packages missing or broken, 6 the run directory could not be written,
             130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
 """
 
@@ -40,6 +41,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) ->
     resume.add_argument("--resume", type=Path, metavar="PATH", help="resume from this checkpoint directory")
     resume.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     console.add_verbose_flag(parser)
+    parser.add_argument(
+        "--allow-recipe-change",
+        action="store_true",
+        help="use a run dir whose config.yaml records a different model, LoRA, data or batch shape",
+    )
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -64,7 +70,7 @@ class Setup:
 
 def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
     train = read_jsonl(recipe.data.train_file, recipe.data.format)
-    evaluation = read_jsonl(recipe.data.eval_file, train.shape) if recipe.data.eval_file else None
+    evaluation = read_jsonl(recipe.data.eval_file, train.shape, "data.eval_file") if recipe.data.eval_file else None
     for data in filter(None, (train, evaluation)):
         say(
             f"{data.path}: {len(data.rows)} {data.shape} rows"
@@ -73,6 +79,20 @@ def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
         for line in data.skipped[:5]:
             say(f"  skipped {line}")
     return train, evaluation
+
+
+def preflight(recipe: Recipe, run_dir: Path, allow_change: bool, take_lock: bool):
+    """Every check before training, cheapest first: data, then the run directory (path, lock, stale staging, free
+    space) and its identity. Raises DataError or RunDirError; writes nothing but the lock file."""
+    from lorabox.train import identity, rundir
+
+    train_data, eval_data = validate_data(recipe)
+    hashes = {"data.train_file": train_data.sha256()} | ({"data.eval_file": eval_data.sha256()} if eval_data else {})
+    for line in rundir.prepare(recipe, run_dir, take_lock):
+        say(line)
+    for line in identity.compare(recipe, run_dir, hashes, allow_change):
+        say(line)
+    return train_data, eval_data, hashes
 
 
 def plan_here(recipe: Recipe) -> RunPlan:
@@ -160,17 +180,18 @@ def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wa
     say(f"adapter {adapter_dir}  plot {run_dir / 'loss.png'}  summary {run_dir / 'summary.json'}")
 
 
-def user_error(error: Exception) -> int:
-    """Print a bad-input message (no traceback) and exit 2; under `lorabox train` the 2 travels via the status file."""
+def user_error(error: Exception | str, code: int = 2) -> int:
+    """Print a bad-input message (no traceback) and exit 2 (or `code`); under `lorabox train` the code travels via
+    the status file."""
     from lorabox.train.resilience.launcher import STATUS_ENV
 
     if is_main_process():  # every rank reads the same files and finds the same problem: say it once
         print(f"lorabox train: {error}", file=sys.stderr, flush=True)
     status = os.environ.get(STATUS_ENV)
     if not status:
-        return 2
+        return code
     if is_main_process():
-        Path(status).write_text(json.dumps({"exit_code": 2, "interrupted": False}) + "\n", encoding="utf-8")
+        Path(status).write_text(json.dumps({"exit_code": code, "interrupted": False}) + "\n", encoding="utf-8")
     return 0  # a non-zero rank exit would make accelerate print its own traceback over our message
 
 
@@ -181,28 +202,37 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
     args = build_parser(prog).parse_args(argv)
     console.hide_known_warnings()
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
+    from lorabox.train import environment, identity, rundir
+
+    run_dir = Path.cwd()  # until the recipe names it
     try:
         recipe = load_recipe(args.config, args.set)
-        train_data, eval_data = validate_data(recipe)
-    except (RecipeError, DataError) as error:
+        run_dir = (args.run_dir or recipe.output_dir).resolve()
+        if is_main_process():  # under `lorabox train` the launcher holds the run directory's lock for us
+            take_lock = os.environ.get(rundir.HELD_ENV) != str(run_dir)
+            train_data, eval_data, hashes = preflight(recipe, run_dir, args.allow_recipe_change, take_lock)
+            identity.record(recipe, run_dir, hashes)
+            say(f"recipe (in full: {run_dir / 'config.yaml'}): {console.recipe_summary(recipe)}")
+        else:
+            train_data, eval_data = validate_data(recipe)
+    except (RecipeError, DataError, rundir.RunDirError) as error:
         return user_error(error)
-    run_dir = (args.run_dir or recipe.output_dir).resolve()
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        say(f"recipe (in full: {run_dir / 'config.yaml'}): {console.recipe_summary(recipe)}")
+    except OSError as error:
+        return user_error(rundir.storage_message(error, run_dir), rundir.EXIT_STORAGE)
     # TensorBoard's writer reads this variable; keep its event files next to the other run outputs.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 
     from lorabox.train.resilience import determinism
 
-    say(determinism.apply(recipe.training.seed, recipe.resilience.deterministic))  # before the model and CUDA exist
     try:
+        # Before the model and CUDA exist; it imports transformers, so a broken training stack shows up here first.
+        say(determinism.apply(recipe.training.seed, recipe.resilience.deterministic))
         ready = setup(recipe, train_data, eval_data)
+        from lorabox.train.trainer import LoraboxTrainer, MetricsFile, sft_config
+    except ImportError as error:  # a package of the training stack is missing or broken
+        return user_error(environment.import_failure(error), environment.EXIT_ENVIRONMENT)
     except (DataError, ValueError, OSError) as error:  # unloadable model, bad dtype for this GPU, empty data
         return user_error(error)
-
-    from lorabox.train.trainer import LoraboxTrainer, MetricsFile, sft_config
 
     def make_trainer(plan: RunPlan) -> LoraboxTrainer:
         config = sft_config(plan, recipe, run_dir, ready.eval_dataset is not None, ready.loss_keys)
@@ -218,11 +248,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
 
     from lorabox.train.resilience import fit
 
-    # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, guards NaN, and on OOM derives a
-    # smaller-micro-batch plan from this one.
-    outcome = fit(make_trainer, ready.plan, recipe, run_dir, args.resume or ("never" if args.no_resume else "auto"))
-    if outcome.exit_code != 0:  # stopped or failed: the checkpoints are the output, not a "final" adapter
-        return outcome.process_exit_code
-    trainer = outcome.trainer
-    save_outputs(trainer, recipe, run_dir, [d for d in (train_data, eval_data) if d], time.perf_counter() - started)
+    try:
+        # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, guards NaN, and on OOM derives
+        # a smaller-micro-batch plan from this one.
+        outcome = fit(make_trainer, ready.plan, recipe, run_dir, args.resume or ("never" if args.no_resume else "auto"))
+        if outcome.exit_code != 0:  # stopped or failed: the checkpoints are the output, not a "final" adapter
+            return outcome.process_exit_code
+        data = [d for d in (train_data, eval_data) if d]
+        save_outputs(outcome.trainer, recipe, run_dir, data, time.perf_counter() - started)
+    except Exception as error:  # a full disk or read-only remount mid-run: one line, not torch's traceback
+        message = rundir.storage_failure(error, run_dir)
+        if message is None:
+            raise
+        return user_error(message, rundir.EXIT_STORAGE)
     return 0

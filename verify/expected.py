@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,9 +29,30 @@ class Expected:
         return {name: pin for name, pin in self.environment.pins.items() if pin.feature not in DEV_FEATURES}
 
 
-def reinstall_fix(env_name: str | None) -> str:
-    env_name = env_name or "<env>"
-    return f"pixi install -e {env_name}   (pip: pip install -r <(lorabox env pins {env_name}))"
+def reinstall_fix(env_name: str | None, damaged: Mapping[str, str] | None = None, only_damaged: bool = False) -> str:
+    """A command that repairs. Missing packages come back from the pins; an installed package whose files are
+    damaged (a truncated native library) needs --force-reinstall, because pip keeps a distribution whose installed
+    version already matches the requirement and so reinstalls nothing."""
+    fixes = []
+    if damaged:
+        specs = " ".join(f"{name}=={version}" for name, version in sorted(damaged.items()))
+        where = f"environment {env_name} at {sys.prefix}" if env_name else sys.prefix
+        fixes.append(f"pip install --force-reinstall --no-deps {specs}   (run with the Python of {where})")
+        if only_damaged:
+            return fixes[0]
+    if env_name:
+        fixes.append(f"pixi install -e {env_name}   (pip: pip install -r <(lorabox env pins {env_name}))")
+    elif not damaged:
+        fixes.append(f"pip install -r <(lorabox env pins LANE) into {sys.prefix}, LANE from `lorabox env pick`")
+    return "; then ".join(fixes)
+
+
+def torch_cuda_from_version(version: str | None) -> str | None:
+    """'2.7.1+cu118' -> '11.8', '2.13.0+cpu' -> None: the wheel's local tag names its CUDA build without importing."""
+    tag = (version or "").partition("+")[2]
+    if tag.startswith("cu") and tag[2:].isdigit():
+        return f"{tag[2:-1]}.{tag[-1]}"
+    return None
 
 
 def environment_name(environ: Mapping[str, str], torch_cuda: str | None, torch_found: bool) -> tuple[str | None, str]:

@@ -10,7 +10,9 @@ learned before a crash survives it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +54,65 @@ CHILD = (
     "import json, os, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from lorabox.verify.probe_child import main; main(sys.argv[2:]); sys.stdout.flush(); os._exit(0)"
 )
+
+
+# Imports the given modules one by one in a fresh interpreter that sees the caller's sys.path, printing each one's
+# import_problem() as soon as it is known. probe_child.py is run by path (it imports only the standard
+# library), so the child needs no lorabox on its path. faulthandler prints the Python stack when a native
+# library kills the process.
+ONE_BY_ONE = (
+    "import faulthandler, json, os, runpy, sys; faulthandler.enable(); sys.path[:] = json.loads(sys.argv[1]); "
+    "problem = runpy.run_path(sys.argv[2])['import_problem']\n"
+    "for module in sys.argv[3:]: print(json.dumps([module, problem(module)]), flush=True)\n"
+    "os._exit(0)"
+)
+CHILD_FILE = str(Path(__file__).resolve().with_name("probe_child.py"))
+FRAME = re.compile(r'File "([^"]+)", line')
+
+
+def _culprit(stderr: str, candidates: list[str]) -> str | None:
+    """The package whose file is innermost in the dead child's faulthandler stack (most recent call first)."""
+    for path in FRAME.findall(stderr):
+        parts = Path(path).parts
+        for module in candidates:
+            if module in parts or f"{module}.py" in parts:
+                return module
+    return None
+
+
+def attribute(modules: list[str]) -> dict[str, tuple[str, str] | None]:
+    """Import `modules` one by one, restarting after each crash, so a native library that kills the interpreter is
+    blamed on its own package, not on torch or transformers that were imported in the same process."""
+    found: dict[str, tuple[str, str] | None] = {}
+    left = list(modules)
+    names = [module for module, _, _ in PACKAGES]
+    while left:
+        command = [sys.executable, "-S", "-c", ONE_BY_ONE, json.dumps(sys.path), CHILD_FILE, *left]
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = child.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, err = child.communicate()
+            err += f"\nno answer within {TIMEOUT_S} s"
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError, TypeError):
+                module, problem = json.loads(line)
+                found[module] = tuple(problem) if problem else None
+        left = [module for module in left if module not in found]
+        if not left:
+            break
+        dying, ended = left.pop(0), how_it_ended(child.returncode)  # the child died while importing this one
+        culprit = _culprit(err, names) or dying
+        detail = f"{ended} while importing it in a fresh Python"
+        if culprit != dying:
+            found[dying] = ("broken", f"imports {culprit}, which {ended.replace('killed', 'is killed')} on import")
+            if culprit in left:
+                left.remove(culprit)
+        found.setdefault(
+            culprit, ("broken", f"{detail} ({err.strip().splitlines()[0][:200] if err.strip() else 'no output'})")
+        )
+    return found
 
 
 def how_it_ended(returncode: int) -> str:
@@ -116,10 +177,12 @@ class Probe:
     def import_problems(self) -> dict[str, tuple[str, str] | None]:
         """Every package's import problem (None: imported); a package whose child died before answering is suspect."""
         answered = self.section("imports") or {}
+        # Their child died mid-import (a segfaulting native library, a hang): import each alone to find the culprit.
+        alone = attribute([module for module, _, _ in PACKAGES if module not in answered])
         problems = {}
         for module, _, _ in PACKAGES:
-            if module not in answered:  # its child died mid-import (a segfaulting native library, a hang)
-                problems[module] = ("broken", self.crash_detail("importing"))
+            if module not in answered:
+                problems[module] = alone[module]
             else:
                 problems[module] = tuple(answered[module]) if answered[module] else None
         return problems

@@ -43,7 +43,11 @@ def assert_clean_failure(done, *expected: str) -> None:
         ([], ["data.jsonl: the file is empty; expected one JSON object per line"]),
         (
             [json.dumps({**GOOD, "output": " "}), json.dumps({**GOOD, "output": ""})],
-            ["data.jsonl: no usable rows: all 2 were filtered out (empty 'output', …)"],
+            [
+                "data.jsonl: no usable rows: all 2 were filtered out",
+                "data.jsonl:1: empty 'output'",
+                "data.jsonl:2: empty 'output'",
+            ],
         ),
     ],
     ids=["malformed-json", "missing-field", "wrong-type", "bad-role", "unknown-shape", "empty-file", "all-filtered"],
@@ -87,10 +91,12 @@ def test_bad_recipe_stops_the_launcher_before_accelerate(tmp_path, cli, make_rec
     assert "accelerate.commands.launch" not in done.stdout + done.stderr  # nothing was launched
 
 
-def test_data_error_survives_accelerate_launch(tmp_path, cli, make_recipe):
+def test_data_error_stops_before_accelerate_starts(tmp_path, cli, make_recipe):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(GOOD) + "\nnot json\n", encoding="utf-8")
     done = cli(
         "lorabox.train.cli", "train", "--config", str(make_recipe(tmp_path, data)), "--run-dir", str(tmp_path / "r")
     )
-    assert_clean_failure(done, "data.jsonl:2: not valid JSON", "accelerate config cpu.yaml: no NVIDIA GPU seen")
+    assert_clean_failure(done, "data.jsonl:2: not valid JSON")
+    assert "accelerate" not in done.stdout + done.stderr  # refused in the launcher, before any rank
+    assert not (tmp_path / "r").exists()  # and before the run directory is created

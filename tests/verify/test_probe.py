@@ -34,8 +34,11 @@ def test_a_package_that_segfaults_on_import_fails_the_check_instead_of_killing_t
     code, checks = verify_json(tmp_path, "imports", "bnb")
     assert code == 1
     imports = checks["imports"]
-    assert imports["status"] == "fail" and "killed by SIGSEGV" in imports["message"]
-    assert "accelerate: importing did not finish" in imports["message"] and "pixi install -e cpu" in imports["fix"]
+    assert imports["status"] == "fail" and "accelerate: killed by SIGSEGV while importing it" in imports["message"]
+    # Re-probed one by one, torch and transformers (imported in the same dead child) are not blamed.
+    assert imports["values"]["torch"][0].isdigit() and imports["values"]["transformers"][0].isdigit()
+    assert "pip install --force-reinstall --no-deps accelerate==" in imports["fix"]
+    assert "environment cpu" in imports["fix"]
     # The packages that need no torch are imported by the other child, which the crash did not touch.
     assert imports["values"]["datasets"][0].isdigit() and imports["values"]["yaml"][0].isdigit()
     assert checks["bitsandbytes"]["status"] == "fail" and "does not import" in checks["bitsandbytes"]["message"]
@@ -111,3 +114,76 @@ def test_the_second_child_really_imports_no_torch():
 )
 def test_how_a_child_ended_is_named(returncode, said):
     assert probe.how_it_ended(returncode) == said
+
+
+def wheel_from_installed(distribution: str, into: Path) -> Path:
+    """A wheel rebuilt from the intact installed files (listed in RECORD): offline, and byte-identical to what pip
+    installed, so reinstalling from it is what `pip install --force-reinstall` does from an index."""
+    import importlib.metadata
+    import zipfile
+
+    dist = importlib.metadata.distribution(distribution)
+    site = Path(dist.locate_file(""))
+    wheel_meta = (Path(dist._path) / "WHEEL").read_text()  # the wheel's own tag, e.g. py3-none-manylinux_2_24_x86_64
+    tag = next(line.split(": ", 1)[1] for line in wheel_meta.splitlines() if line.startswith("Tag: "))
+    path = into / f"{distribution}-{dist.version}-{tag}.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as wheel:
+        for item in dist.files:
+            source = site / item
+            if source.is_file() and "__pycache__" not in item.parts and item.name != "INSTALLER":
+                wheel.write(source, str(item))
+    return path
+
+
+@pytest.mark.slow  # three interpreters import torch: verify with the damage, the one-by-one re-probe, verify again
+def test_damaged_native_library_is_blamed_alone_and_the_printed_fix_repairs_it(tmp_path):
+    """A truncated libbitsandbytes (SIGBUS on import) in a scratch target dir that shadows the venv's copy: verify
+    blames bitsandbytes only, names the environment, and its printed command, run against that dir, repairs it."""
+    import bitsandbytes
+
+    original = Path(bitsandbytes.__file__).parent
+    target = tmp_path / "target"
+    shutil.copytree(original, target / "bitsandbytes", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for library in original.glob("*.so"):
+        if library.name != "libbitsandbytes_cpu.so":  # symlinks keep the copy small; the damaged one is a real file
+            (target / "bitsandbytes" / library.name).symlink_to(library)
+    data = (original / "libbitsandbytes_cpu.so").read_bytes()
+    (target / "bitsandbytes" / "libbitsandbytes_cpu.so").write_bytes(data[: len(data) // 2])
+    info = next(original.parent.glob("bitsandbytes-*.dist-info"))
+    shutil.copytree(info, target / info.name)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel_from_installed("bitsandbytes", wheels)
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("LORABOX_ENV", "PIXI_ENVIRONMENT_NAME")}
+    environ["PYTHONPATH"] = str(target)
+    command = [sys.executable, "-m", "lorabox.verify", "--only", "imports", "--json"]
+    proc = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True)
+    imports = next(c for c in json.loads(proc.stdout)["checks"] if c["id"] == "imports")
+    assert proc.returncode == 1 and imports["status"] == "fail", proc.stdout + proc.stderr
+    assert "bitsandbytes: killed by SIGBUS" in imports["message"]
+    for innocent in ("torch", "transformers", "accelerate"):  # imported in the same dead child, fine alone
+        assert imports["values"][innocent][0].isdigit(), imports["values"][innocent]
+    version = bitsandbytes.__version__
+    assert imports["fix"].startswith(f"pip install --force-reinstall --no-deps bitsandbytes=={version}")
+    assert "environment cpu" in imports["fix"] and "<env>" not in imports["fix"]
+
+    fix = imports["fix"].split("   (")[0].split()
+    assert fix[0] == "pip"
+    # The printed command, pointed at the scratch dir and at the local wheel instead of the index.
+    repair = [
+        sys.executable,
+        "-m",
+        *fix,
+        "--target",
+        str(target),
+        "--upgrade",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+    ]
+    done = subprocess.run(repair, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    proc = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True)
+    imports = next(c for c in json.loads(proc.stdout)["checks"] if c["id"] == "imports")
+    assert imports["status"] == "pass", imports

@@ -8,7 +8,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from lorabox.verify.checks.base import CheckResult, Context
-from lorabox.verify.expected import Expected, expected, reinstall_fix
+from lorabox.verify.expected import Expected, expected, reinstall_fix, torch_cuda_from_version
 from lorabox.verify.probe import PACKAGES
 
 
@@ -24,13 +24,23 @@ def installed_version(distribution: str) -> str | None:
 
 
 def check_imports(problems: dict[str, tuple[str, str] | None], exp: Expected) -> CheckResult:
-    values, failures, warnings = {}, [], []
+    values, failures, warnings, damaged = {}, [], [], {}
     for module, distribution, required in PACKAGES:
         problem = problems[module]
         values[module] = installed_version(distribution) if problem is None else f"{problem[0]}: {problem[1]}"
         if problem:
             (failures if required else warnings).append(f"{module}: {problem[1]}")
-    fix = reinstall_fix(exp.name)
+        # Installed but crashing or raising on its own (not merely because a package it imports fails): its files
+        # are damaged, and only a forced reinstall of that version replaces them.
+        version = installed_version(distribution)
+        if problem and problem[0] == "broken" and version and not problem[1].startswith(("imports ", "needs ")):
+            damaged[distribution] = version
+    # A package that fails only because it imports a damaged one is repaired with it.
+    only_damaged = all(
+        distribution in damaged or problems[module] is None or problems[module][1].startswith("imports ")
+        for module, distribution, _ in PACKAGES
+    )
+    fix = reinstall_fix(exp.name, damaged, only_damaged)
     if failures:
         return CheckResult("imports", "Imports", "fail", "; ".join(failures + warnings), fix, values)
     if warnings:
@@ -83,7 +93,8 @@ def run(ctx: Context) -> list[CheckResult]:
     problems = ctx.start_probe().import_problems()
     try:
         torch_cuda, torch_found = (ctx.torch_facts().cuda, True) if problems["torch"] is None else (None, False)
-    except RuntimeError:  # torch imports but could not read its devices: the GPU check says why
-        torch_cuda, torch_found = None, False
+    except RuntimeError:  # torch imports alone, but the probe died before reading it: its wheel tag names the build
+        torch_found = problems["torch"] is None
+        torch_cuda = torch_cuda_from_version(installed_version("torch")) if torch_found else None
     exp = expected(ctx.environ, torch_cuda, torch_found)
     return [check_imports(problems, exp), check_versions(exp)]
