@@ -30,7 +30,7 @@ examples:
 exit codes: 0 done, 2 bad recipe/data/arguments/run directory (checked before anything starts),
             3 out of memory at micro-batch 1, 4 NaN/inf loss, 5 training packages missing or broken (lorabox verify),
             6 the run directory could not be written (disk full, read-only, no permission),
-            130/143 stopped by SIGINT/SIGTERM (a complete checkpoint was saved; run again to resume)
+            129/130/143 stopped by SIGHUP/SIGINT/SIGTERM (a complete checkpoint was saved; run again to resume)
 """
 
 

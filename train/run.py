@@ -28,7 +28,7 @@ examples (usually started for you by `lorabox train`, which picks the accelerate
   python -m lorabox.train --config my.yaml --resume runs/my/checkpoint-200
 exit codes: 0 done, 2 bad recipe, data or run directory, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
             5 training packages missing or broken, 6 the run directory could not be written,
-            130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
+            129/130/143 stopped by SIGHUP/SIGINT/SIGTERM after saving a checkpoint
 """
 
 
