@@ -89,9 +89,11 @@ def attribute(modules: list[str]) -> dict[str, tuple[str, str] | None]:
     while left:
         command = [sys.executable, "-S", "-c", ONE_BY_ONE, json.dumps(sys.path), CHILD_FILE, *left]
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        timed_out = False
         try:
             out, err = child.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            timed_out = True
             child.kill()
             out, err = child.communicate()
             err += f"\nno answer within {TIMEOUT_S} s"
@@ -105,6 +107,8 @@ def attribute(modules: list[str]) -> dict[str, tuple[str, str] | None]:
         dying, ended = left.pop(0), how_it_ended(child.returncode)  # the child died while importing this one
         culprit = _culprit(err, names) or dying
         detail = f"{ended} while importing it in a fresh Python"
+        if timed_out:  # our own kill: the import hangs (a network call at import time, a dead mount)
+            ended, detail = "hangs", f"importing did not finish within {TIMEOUT_S} s, so it was killed"
         if culprit != dying:
             found[dying] = ("broken", f"imports {culprit}, which {ended.replace('killed', 'is killed')} on import")
             if culprit in left:

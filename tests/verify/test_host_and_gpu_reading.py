@@ -154,7 +154,7 @@ fi
 
 def test_without_nvml_the_reading_falls_back_to_nvidia_smi_then_to_none(tmp_path):
     """Runs where NVML really is absent; a real nvidia-smi-shaped program answers in its place."""
-    probe = "import json; from env.gpu import read_gpus; print(json.dumps(read_gpus().to_dict()))"
+    probe = "import json; from lorabox.env.gpu import read_gpus; print(json.dumps(read_gpus().to_dict()))"
     environ = {k: v for k, v in os.environ.items() if k != gpu.FAKE_GPUS_ENV_VAR}
     try:
         gpu.read_nvml()

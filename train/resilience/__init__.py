@@ -1,6 +1,6 @@
 """Training that survives: atomic checkpoints, exact resume, stop on SIGTERM/SIGINT, OOM back-off, NaN guard.
 
-Heavy parts (torch, transformers) load on first use, so `from train.resilience.launcher import launch` stays
+Heavy parts (torch, transformers) load on first use, so `from lorabox.train.resilience.launcher import launch` stays
 light in the `lorabox train` process that only starts `accelerate launch`.
 """
 
