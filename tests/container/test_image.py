@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ BASE = os.environ.get("LORABOX_BASE_IMAGE", "localhost/debian:bookworm")
 WHEELS = Path(os.environ.get("PIP_FIND_LINKS", "/opt/wheels"))  # the host's CPU torch wheel, if it has one
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 TIMINGS: dict[str, float] = {}
+SESSION = uuid.uuid4().hex[:12]  # in every tag this session builds, so concurrent runs never share one
 
 
 def podman(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -133,7 +135,8 @@ def plan(*args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cloud_image(env_image) -> str:
-    cloud = plan("--flavour", "cloud", "--base-image", BASE, "--env-image", env_image, "--registry", "localhost")
+    registry = f"localhost/{SESSION}"
+    cloud = plan("--flavour", "cloud", "--base-image", BASE, "--env-image", env_image, "--registry", registry)
     args = [f"--build-arg={k}={v}" for k, v in cloud["buildargs"].items()]
     args += [f"--label={k}={v}" for k, v in cloud["labels"].items()]
     build_image(
@@ -157,14 +160,14 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
         f"FROM {BASE}\nRUN mkdir -p /app/.pixi/envs/cpu/bin && echo 'export CONDA_PREFIX=/app/.pixi/envs/cpu' "
         "> /app/activate.sh\n"
     )
-    tiny = "localhost/lorabox-tiny-env:test"
+    tiny = f"localhost/lorabox-tiny-env:{SESSION}"
     podman("build", "--format", "docker", "-q", "-t", tiny, str(context))
     started = time.monotonic()
     done = subprocess.run(
         [
             sys.executable,
             "-m",
-            "env",
+            "lorabox.env",
             "build",
             "--env",
             "cpu",
@@ -175,7 +178,7 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
             "--env-image",
             tiny,
             "--registry",
-            "localhost/lorabox-api-test",
+            f"localhost/lorabox-api-test-{SESSION}",
         ],
         capture_output=True,
         text=True,
@@ -211,7 +214,7 @@ def run_in(image: str, *command: str, timeout: float = 600) -> subprocess.Comple
 def test_engine_api_build_labels_user_and_pid1(api_image):
     inspected = json.loads(podman("image", "inspect", api_image).stdout)[0]
     labels = inspected["Labels"]
-    assert labels["dev.lorabox.environment"] == "cpu" and labels["dev.lorabox.flavour"] == "linux"
+    assert labels["dev.lorabox.lane"] == "cpu" and labels["dev.lorabox.flavour"] == "linux"
     lock = REPO / "pixi.lock"
     expected = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "unlocked"
     assert labels["dev.lorabox.pixi-lock-sha256"] == expected
