@@ -135,8 +135,28 @@ def render_table(matrix: list[MatrixRow]) -> str:
     return "\n".join(table + [f"\n! {text}" for text in sorted(advisories)])
 
 
+def markdown_table(matrix: list[MatrixRow]) -> str:
+    """The user lanes as the Markdown table docs/environments.md carries (tests/env/test_matrix.py compares them)."""
+    lines = [
+        "| lane | torch | GPU architectures | Linux driver (runs / every feature) | Windows & WSL2 driver "
+        "| image tags (after `lorabox:<version>-`) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in matrix:
+        if row.alias_of or not row.flavours:
+            continue
+        linux = f"≥ {row.driver_linux} / ≥ {row.driver_full_linux}" if row.driver_linux else "any (CPU)"
+        windows = f"≥ {row.driver_windows} / ≥ {row.driver_full_windows}" if row.driver_windows else "any (CPU)"
+        images = ", ".join(f"`{row.environment}-{flavour}`" for flavour in row.flavours)
+        cells = [f"`{row.environment}`", f"{row.torch}+{row.torch_variant}", row.archs, linux, windows, images]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the matrix as a JSON list (one object per env)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the matrix as a JSON list (one object per env)")
+    output.add_argument("--markdown", action="store_true", help="print the lanes as docs/environments.md's table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         return 3
     if args.json:
         print(json.dumps([asdict(row) for row in matrix], indent=2))
+    elif args.markdown:
+        print(markdown_table(matrix))
     else:
         print(render_table(matrix))
         print(
