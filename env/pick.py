@@ -119,13 +119,13 @@ def limits(build: Build, driver: str, platform: str, windows: bool) -> list[str]
         return []
     found = [f"driver below {full} (CUDA {build.cuda}'s full-feature floor): minor-version compatibility"]
     found += list(MINOR_VERSION_LIMITS)
-    if platform == "linux-64" and not driver_meets(driver, MINOR_VERSION_FLOORS[12][0]):
+    if platform == "linux-64" and not driver_meets(driver, MINOR_VERSION_FLOORS[12][1 if windows else 0]):
         found.append(TRITON_OLD_DRIVER)
     return found
 
 
 def driver_fix(lanes: list[Environment], reading: GpuReading, platform: str, windows: bool, wsl2: bool) -> str | None:
-    """The driver that lets the newest covering lane run, or None when no lane's wheels cover these GPUs."""
+    """The driver that lets the preferred covering lane run, or None when no lane's wheels cover these GPUs."""
     covering = [e for e in lanes if platform in e.platforms and all(e.build.covers(g.capability) for g in reading.gpus)]
     if not covering:
         return None
