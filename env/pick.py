@@ -167,13 +167,13 @@ def choose(manifest: Manifest, reading: GpuReading, platform: str, wsl2: bool, w
         pick.notes.append("WSL2 without libcuda in /usr/lib/wsl/lib: the Windows driver does not expose the GPU")
     if not reading.gpus:
         return no_gpu(pick, reading)
-    newest = newest_build(reading, windows)
-    pick.newest_torch = newest.label if newest else None
     lanes = candidate_order(manifest)
-    if not any(platform in env.platforms for env in lanes):
+    if not any(platform in env.platforms for env in lanes):  # macOS: PyTorch builds no CUDA wheels for it
         pick.exit_code, pick.reason = NONE_FITS, f"no GPU environment is built for {platform}"
         pick.fix = "the CPU lane runs here: pixi run -e cpu demo"
         return pick
+    newest = newest_build(reading, windows)
+    pick.newest_torch = newest.label if newest else None
     for env in lanes:
         reason = f"not built for {platform}" if platform not in env.platforms else problem(env.build, reading, windows)
         if reason is None and pick.environment is None:

@@ -63,7 +63,7 @@ MACHINES = [
     ("RTX 3060", "525.60.13", "wsl2", "cu118", CU118, "full"),
     ("RTX 3060", "527.41", "wsl2", "cu126", CU126, "minor-version"),
     ("RTX 3060", "560.70", "wsl2", "cu126", CU126, "minor-version"),
-    ("RTX 4090", "550.127.05", "osx-arm64", None, CU126, None),
+    ("RTX 4090", "550.127.05", "osx-arm64", None, None, None),
 ]
 
 
