@@ -2,14 +2,16 @@
 
 DOCKER_HOST is honoured, so the same command drives Docker or podman's Docker-compatible service
 (`podman system service unix:///run/podman.sock` + DOCKER_HOST=unix:///run/podman.sock). The build arguments
-(environment, CUDA version, base image) and the labels (environment, pixi.lock hash, git commit) are derived
-from pixi.toml and env.matrix; `--dry-run --json` prints them for CI without contacting an engine."""
+(environment, CUDA floor, base image, NVIDIA_REQUIRE_CUDA) and the labels (OCI source, version and revision,
+lane, pixi.lock hash) are derived from pixi.toml, env.matrix and git; `--dry-run --json` prints them for CI
+without contacting an engine."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorabox.env.manifest import Manifest, ManifestError
-from lorabox.env.matrix import FLAVOURS, base_image_for, flavours_for, image_tag
+from lorabox.env.matrix import BASE_IMAGE, FLAVOURS, image_tag, lane_build, require_cuda
 
 DOCKERFILE = "docker/Dockerfile"
 LABEL_PREFIX = "dev.lorabox"
@@ -38,20 +40,14 @@ class BuildPlan:
     buildargs: dict[str, str]
     labels: dict[str, str]
 
+    def docker_argv(self) -> list[str]:
+        args = [item for k, v in self.buildargs.items() for item in ("--build-arg", f"{k}={v}")]
+        labels = [item for k, v in self.labels.items() for item in ("--label", f"{k}={v}")]
+        target = ["-f", self.dockerfile, "--target", self.target]
+        return ["docker", "build", *target, *args, *labels, "-t", self.tag, self.context]
+
     def docker_command(self) -> str:
-        args = [f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in self.buildargs.items()]
-        labels = [f"--label {shlex.quote(f'{k}={v}')}" for k, v in self.labels.items()]
-        return " ".join(
-            [
-                "docker build",
-                f"-f {self.dockerfile}",
-                f"--target {self.target}",
-                *args,
-                *labels,
-                f"-t {self.tag}",
-                self.context,
-            ]
-        )
+        return shlex.join(self.docker_argv())
 
 
 def lock_hash(root: Path) -> str:
@@ -77,6 +73,24 @@ def git_commit(root: Path) -> str:
     return f"{head}-dirty" if dirty else head
 
 
+def git_source(root: Path) -> str:
+    """The repository's web address from `origin` (git@github.com:o/r.git -> https://github.com/o/r), or 'unknown'."""
+    try:
+        url = subprocess.run(
+            ["git", "-C", str(root), "remote", "get-url", "origin"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if url.startswith("git@") and ":" in url:
+        host, _, path = url[4:].partition(":")
+        url = f"https://{host}/{path}"
+    return url.removesuffix(".git") if url.startswith("https://") else "unknown"
+
+
 def plan_build(
     manifest: Manifest,
     environment: str,
@@ -86,22 +100,26 @@ def plan_build(
     registry: str | None = None,
 ) -> BuildPlan:
     env = manifest.environment(environment)
-    if flavour not in flavours_for(env):
-        raise ManifestError(
-            f"flavour {flavour!r} is not built for environment {environment!r}; "
-            f"choose one of {', '.join(flavours_for(env))}."
-        )
+    if flavour not in FLAVOURS:
+        raise ManifestError(f"flavour {flavour!r} is not built; choose one of {', '.join(FLAVOURS)}.")
+    build = lane_build(env)
     root = manifest.path.parent
     version = manifest.data.get("workspace", {}).get("version", "0.0.0")
     tag = image_tag(version, environment, flavour)
-    buildargs = {"ENV": environment, "CUDA": env.cuda or "", "BASE_IMAGE": base_image or base_image_for(env)}
+    buildargs = {
+        "ENV": environment,
+        "CUDA": env.cuda or "",
+        "BASE_IMAGE": base_image or BASE_IMAGE,
+        "REQUIRE_CUDA": require_cuda(env),
+    }
     if env_image:
         buildargs["ENV_IMAGE"] = env_image
     labels = {
-        f"{LABEL_PREFIX}.environment": environment,
+        f"{LABEL_PREFIX}.lane": environment,
         f"{LABEL_PREFIX}.flavour": flavour,
-        f"{LABEL_PREFIX}.torch": f"{env.torch.exact_version or env.torch.spec}+{env.torch_variant}",
+        f"{LABEL_PREFIX}.torch": build.label,
         f"{LABEL_PREFIX}.pixi-lock-sha256": lock_hash(root),
+        "org.opencontainers.image.source": git_source(root),
         "org.opencontainers.image.revision": git_commit(root),
         "org.opencontainers.image.version": version,
         "org.opencontainers.image.base.name": buildargs["BASE_IMAGE"],
@@ -119,8 +137,26 @@ def engine_client():
     return docker.from_env(timeout=600)
 
 
+def is_podman(client) -> bool:
+    return any("podman" in str(c.get("Name", "")).lower() for c in client.version().get("Components", []))
+
+
+def build_with_cli(plan: BuildPlan, client) -> str:
+    """Docker's Engine API build is the classic builder, which refuses the Dockerfile's cache mounts (`RUN --mount`
+    needs BuildKit); the docker CLI builds with BuildKit (its default since Docker 23) against the same DOCKER_HOST."""
+    done = subprocess.run(
+        plan.docker_argv(), env={**os.environ, "DOCKER_BUILDKIT": "1"}, stdout=sys.stderr, check=False
+    )
+    if done.returncode != 0:
+        raise BuildError(f"`docker build` exited {done.returncode} (its output is above)")
+    return client.images.get(plan.tag).id
+
+
 def build(plan: BuildPlan, client, log=print) -> str:
-    """Stream the build's output to `log`; return the image id. Raises BuildError with the engine's message."""
+    """Stream the build's output to `log`; return the image id. Raises BuildError with the engine's message.
+    podman's Engine API builds with buildah, which honours cache mounts; Docker's goes through the CLI."""
+    if not is_podman(client):
+        return build_with_cli(plan, client)
     image_id = None
     stream = client.api.build(
         path=plan.context,
@@ -155,7 +191,7 @@ def push(plan: BuildPlan, client, log=print) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", default="cu126", help="pixi environment to package (default %(default)s)")
     parser.add_argument("--flavour", choices=list(FLAVOURS), default="linux", help="Dockerfile target")
-    parser.add_argument("--base-image", help="runtime base image (default: per CUDA version, see `env matrix`)")
+    parser.add_argument("--base-image", help="runtime base image (default %(default)s)", default=BASE_IMAGE)
     parser.add_argument("--env-image", help="take /app/.pixi/envs/<env> from this image instead of `pixi install`")
     parser.add_argument("--registry", help="prefix for the tag, e.g. ghcr.io/OWNER (needed for --push)")
     parser.add_argument("--push", action="store_true", help="push the image after building it")

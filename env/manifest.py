@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorabox.env.compat import Build, build_for
+
 MANIFEST_ENV_VAR = "LORABOX_MANIFEST"
 _CUDA_INDEX = re.compile(r"/whl/(cu\d+|cpu)/?$")
 
@@ -40,8 +42,8 @@ class Environment:
     name: str
     features: tuple[str, ...]
     solve_group: str | None
-    platforms: tuple[str, ...]
-    cuda: str | None  # minimum CUDA from system-requirements; None for cpu
+    platforms: tuple[str, ...]  # conda subdirs: "linux-64", "win-64"
+    cuda: str | None  # the __cuda its platform entries declare (the CUDA major's floor, "12.0"); None for cpu
     pins: dict[str, Pin] = field(default_factory=dict)
 
     @property
@@ -53,6 +55,11 @@ class Environment:
         """'cu118', 'cu126', … or 'cpu', read from torch's wheel index."""
         match = _CUDA_INDEX.search(self.torch.index or "")
         return match.group(1) if match else "pypi"
+
+    @property
+    def build(self) -> Build:
+        """The compatibility facts of this environment's torch wheels; KeyError when env/compat.py lacks them."""
+        return build_for(self.torch.exact_version or self.torch.spec, self.torch_variant)
 
 
 def find_manifest() -> Path:
@@ -112,23 +119,36 @@ class Manifest:
     def environment_names(self) -> list[str]:
         return list(self.data.get("environments", {}))
 
+    def platform_entries(self) -> dict[str, tuple[str, str | None]]:
+        """Workspace platform name -> (conda subdir, declared __cuda): 'linux-64-cuda12' -> ('linux-64', '12.0')."""
+        entries: dict[str, tuple[str, str | None]] = {}
+        for item in self.data.get("workspace", {}).get("platforms", []):
+            if isinstance(item, str):
+                entries[item] = (item, None)
+            else:
+                subdir = item.get("platform") or item["name"]
+                cuda = item.get("cuda")
+                cuda = cuda.get("driver") if isinstance(cuda, dict) else cuda
+                entries[item.get("name", subdir)] = (subdir, str(cuda) if cuda else None)
+        return entries
+
     def environment(self, name: str, platform: str = "linux-64") -> Environment:
         envs = self.data.get("environments", {})
         if name not in envs:
             raise ManifestError(f"environment {name!r} is not in {self.path}; expected one of {', '.join(envs)}.")
         spec = envs[name]
         features = tuple(spec["features"] if isinstance(spec, dict) else spec)
-        workspace = self.data.get("workspace", {})
-        platforms: tuple[str, ...] = tuple(workspace.get("platforms", []))
-        cuda = None
+        entries = self.platform_entries()
+        selected = [p for p, (_, cuda) in entries.items() if cuda is None]  # features narrow it down
+        narrowed = False
         pins = _pins_of(self.data, "<workspace>", platform)
         for feature_name in features:
             feature = self.data.get("feature", {}).get(feature_name)
             if feature is None:
                 raise ManifestError(f"environment {name!r} names feature {feature_name!r}, absent in {self.path}.")
             if "platforms" in feature:
-                platforms = tuple(p for p in platforms if p in feature["platforms"])
-            cuda = feature.get("system-requirements", {}).get("cuda", cuda)
+                pool = selected if narrowed else list(entries)
+                selected, narrowed = [p for p in feature["platforms"] if p in pool], True
             for pin_name, pin in _pins_of(feature, feature_name, platform).items():
                 if pin_name in pins and pins[pin_name].spec != pin.spec:
                     raise ManifestError(
@@ -137,8 +157,12 @@ class Manifest:
                         "Keep one pin per package per environment."
                     )
                 pins[pin_name] = pin
+        cudas = {entries[p][1] for p in selected}
+        if len(cudas) > 1:
+            raise ManifestError(f"environment {name!r} runs on platforms declaring different CUDA: {sorted(cudas)}.")
+        subdirs = tuple(dict.fromkeys(entries[p][0] for p in selected))
         solve_group = spec.get("solve-group") if isinstance(spec, dict) else None
-        return Environment(name, features, solve_group, platforms, str(cuda) if cuda else None, pins)
+        return Environment(name, features, solve_group, subdirs, cudas.pop() if cudas else None, pins)
 
     def environments(self, platform: str = "linux-64") -> list[Environment]:
         return [self.environment(name, platform) for name in self.environment_names]

@@ -1,30 +1,53 @@
-"""`lorabox env pins ENV`: one environment's exact pins from pixi.toml as pip requirement lines."""
+"""`lorabox env pins ENV`: one environment's exact pins from pixi.toml as a pip requirements file.
+
+The output installs the same torch build pixi installs: the lane's wheel index as an `--extra-index-url` line and
+torch pinned with its local version label (`torch==2.13.0+cpu`), which only that index carries, so pip can neither
+fall back to PyPI's default (CUDA) build nor take another variant. A user lane carries runtime dependencies only;
+the test and lint tools are separate groups (`--group test --group lint`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lorabox.env.manifest import Manifest, ManifestError
+from lorabox.env.manifest import Environment, Manifest, ManifestError, Pin
+
+# Features that hold tools, not runtime dependencies: left out unless asked for with --group.
+TOOL_GROUPS = ("test", "lint")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("environment", help="pixi environment name, e.g. cpu, cu118, cu126, cu128")
-    parser.add_argument("--platform", default="linux-64", help="pixi platform whose target pins apply")
+    parser.add_argument("environment", help="pixi environment name, e.g. cpu, cu118, cu126, cu130")
+    parser.add_argument("--platform", default="linux-64", help="pixi platform whose pins apply (default %(default)s)")
     parser.add_argument(
-        "--with-index",
-        action="store_true",
-        help="prefix torch with its wheel index (--extra-index-url) as pip needs off this machine",
+        "--group",
+        action="append",
+        choices=TOOL_GROUPS,
+        default=[],
+        help="add a tool group of the environment (repeatable): test (pytest, …), lint (ruff, …)",
     )
 
 
-def requirement_lines(manifest: Manifest, environment: str, platform: str, with_index: bool) -> list[str]:
-    env = manifest.environment(environment, platform)
-    lines = []
-    for pin in sorted(env.pins.values(), key=lambda p: p.name):
-        if pin.index and with_index:
-            lines.append(f"--extra-index-url {pin.index}")
-        lines.append(pin.requirement())
+def pinned(pin: Pin, variant: str, platform: str) -> str:
+    """torch==2.14.1+cu126: the local label picks the variant. macOS wheels carry no label (only CPU builds exist)."""
+    if pin.index and pin.exact_version and "+" not in pin.exact_version and not platform.startswith("osx"):
+        return f"{pin.name}=={pin.exact_version}+{variant}"
+    return pin.requirement()
+
+
+def requirement_lines(manifest: Manifest, environment: str, platform: str, groups: list[str]) -> list[str]:
+    env: Environment = manifest.environment(environment, platform)
+    missing = [g for g in groups if g not in env.features]
+    if missing:
+        tools = [g for g in TOOL_GROUPS if g in env.features]
+        raise ManifestError(
+            f"environment {environment!r} has no {', '.join(missing)} group; it has: {', '.join(tools) or 'none'} "
+            "(the cpu environment carries the test and lint tools)."
+        )
+    chosen = [p for p in env.pins.values() if p.feature not in TOOL_GROUPS or p.feature in groups]
+    indexes = sorted({p.index for p in chosen if p.index})
+    lines = [f"--extra-index-url {index}" for index in indexes]
+    lines += [pinned(p, env.torch_variant, platform) for p in sorted(chosen, key=lambda p: p.name)]
     return lines
 
 
@@ -36,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorabox env pins: {error}", file=sys.stderr)
         return 3
     try:
-        print("\n".join(requirement_lines(manifest, args.environment, args.platform, args.with_index)))
+        print("\n".join(requirement_lines(manifest, args.environment, args.platform, args.group)))
     except ManifestError as error:
         print(f"lorabox env pins: {error}", file=sys.stderr)
         return 2

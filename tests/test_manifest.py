@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -27,15 +28,22 @@ def load(data: dict | None = None) -> Manifest:
 
 
 def cuda_index_problems(manifest: Manifest) -> list[str]:
+    """torch comes from the index of a variant env.compat knows, and the platforms declare that CUDA major's floor."""
     problems = []
     for env in manifest.environments():
-        if env.cuda is None:
-            if env.torch_variant != "cpu":
-                problems.append(f"{env.name}: no CUDA requirement but torch index {env.torch.index}")
+        try:
+            build = env.build
+        except KeyError as error:
+            problems.append(f"{env.name}: {error.args[0]}")
             continue
-        expected = "cu" + env.cuda.replace(".", "")
-        if env.torch_variant != expected:
-            problems.append(f"{env.name}: cuda {env.cuda} needs torch from /whl/{expected}, got {env.torch.index}")
+        if build.cuda is None:
+            if env.cuda is not None:
+                problems.append(f"{env.name}: CPU torch ({env.torch.index}) on platforms declaring cuda {env.cuda}")
+            continue
+        if env.cuda != f"{build.major}.0":
+            problems.append(
+                f"{env.name}: torch {build.label} needs platforms declaring cuda {build.major}.0, not {env.cuda}"
+            )
     return problems
 
 
@@ -84,6 +92,9 @@ CHECKS = [cuda_index_problems, cu118_torch_problems, solve_group_problems, pypro
 
 def test_schema_valid():
     if not SCHEMA.is_file():
+        # In CI the schema must be there: a skipped validation would let an invalid pixi.toml through.
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{SCHEMA} is absent; CI must provide pixi's manifest schema beside the checkout")
         pytest.skip(f"{SCHEMA} is absent (shared/ not beside the checkout)")
     jsonschema = pytest.importorskip("jsonschema")
     errors = sorted(
@@ -104,15 +115,31 @@ def test_no_pin_relisted_outside_manifest():
 
 def test_required_environments_and_tasks():
     manifest = load()
-    assert {"default", "cpu", "cu118", "cu126", "cu128"} <= set(manifest.environment_names)
+    assert {"default", "cpu", "cu118", "cu126", "cu130"} <= set(manifest.environment_names)
     assert "osx-arm64" in manifest.environment("cpu").platforms
-    for name in ("cu118", "cu126", "cu128"):
+    for name in ("cu118", "cu126", "cu130"):
         assert manifest.environment(name).platforms == ("linux-64", "win-64")
     tasks = manifest.data["tasks"]
     assert {"verify", "train", "demo", "test", "lint"} <= set(tasks)
     assert all(isinstance(t, dict) and t.get("description") for t in tasks.values()), "every task needs a description"
     assert "verify" in tasks["train"]["depends-on"]
-    assert manifest.data["workspace"]["requires-pixi"]
+    # the schema the tests validate against is the one of the pixi that requires-pixi names
+    assert manifest.data["workspace"]["requires-pixi"] == ">=" + SCHEMA.stem.rsplit("-v", 1)[1]
+
+
+def test_every_lane_says_why_it_exists():
+    """pixi.toml gives each CUDA lane its reason in a comment right above the feature."""
+    text = (REPO / "pixi.toml").read_text()
+    for env in load().environments():
+        if env.cuda and not load().tooling_variant_of(env.name) and env.name != "default":
+            block = text[: text.index(f"[feature.{env.torch_variant}]")].rstrip().splitlines()
+            assert block[-1].startswith("#"), f"[feature.{env.torch_variant}] has no comment giving its reason"
+
+
+def test_no_deprecated_system_requirements():
+    data = load().data
+    assert all("system-requirements" not in feature for feature in data["feature"].values())
+    assert "system-requirements" not in data
 
 
 # The checks above must fail when a pin is broken on purpose.
@@ -135,11 +162,20 @@ def _set_torch(feature: str, **fields):
         (_set_torch("cu118", version="==2.8.0"), cu118_torch_problems),
         (_set_torch("cu118", version=">=2.7"), cu118_torch_problems),
         (_set_torch("cu126", index="https://download.pytorch.org/whl/cu118"), cuda_index_problems),
+        (_set_torch("cu130", version="==2.12.0"), cuda_index_problems),
         (_set_torch("cpu", index="https://download.pytorch.org/whl/cu126"), cuda_index_problems),
         (_set_torch("cu126", version="==2.5.0"), pyproject_problems),
         (lambda d: d["environments"]["cu118"].update({"solve-group": "cu126"}), solve_group_problems),
     ],
-    ids=["cu118-2.8", "cu118-open-range", "cu126-wrong-index", "cpu-cuda-index", "below-pyproject", "shared-group"],
+    ids=[
+        "cu118-2.8",
+        "cu118-open-range",
+        "cu126-wrong-index",
+        "cu130-unknown-release",
+        "cpu-cuda-index",
+        "below-pyproject",
+        "shared-group",
+    ],
 )
 def test_checks_catch_broken_pins(edit, check):
     assert check(_mutated(edit))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lorabox.env.manifest import Environment, Manifest, ManifestError
 
 # torch.version.cuda -> the lane that ships that build, for runs outside pixi (plain pip, Docker without pixi).
-LANE_OF_TORCH_CUDA = {None: "cpu", "11.8": "cu118", "12.6": "cu126", "12.8": "cu128"}
+LANE_OF_TORCH_CUDA = {None: "cpu", "11.8": "cu118", "12.6": "cu126", "13.0": "cu130"}
 # Features that carry developer tools, not the training runtime: verify does not require them.
 DEV_FEATURES = ("test", "lint")
 
@@ -72,7 +72,7 @@ def expected(environ: Mapping[str, str], torch_cuda: str | None, torch_found: bo
     name, reason = environment_name(environ, torch_cuda, torch_found)
     if name is None:
         return Expected(
-            None, reason, problem=f"environment unknown ({reason}); set LORABOX_ENV=<cpu|cu118|cu126|cu128>"
+            None, reason, problem=f"environment unknown ({reason}); set LORABOX_ENV=<cpu|cu118|cu126|cu130>"
         )
     try:
         manifest = Manifest.load()

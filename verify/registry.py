@@ -19,6 +19,7 @@ CHECKS = [
     "lorabox.verify.checks.gpu",
     "lorabox.verify.checks.bnb",
     "lorabox.verify.checks.alloc",
+    "lorabox.verify.checks.triton",
     "lorabox.verify.checks.host",
     "lorabox.verify.checks.imports",
     "lorabox.verify.checks.config_fit",

@@ -172,7 +172,7 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
         [
             sys.executable,
             "-m",
-            "env",
+            "lorabox.env",
             "build",
             "--env",
             "cpu",
@@ -219,7 +219,7 @@ def run_in(image: str, *command: str, timeout: float = 600) -> subprocess.Comple
 def test_engine_api_build_labels_user_and_pid1(api_image):
     inspected = json.loads(podman("image", "inspect", api_image).stdout)[0]
     labels = inspected["Labels"]
-    assert labels["dev.lorabox.environment"] == "cpu" and labels["dev.lorabox.flavour"] == "linux"
+    assert labels["dev.lorabox.lane"] == "cpu" and labels["dev.lorabox.flavour"] == "linux"
     lock = REPO / "pixi.lock"
     expected = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "unlocked"
     assert labels["dev.lorabox.pixi-lock-sha256"] == expected

@@ -7,8 +7,9 @@ import json
 import subprocess
 import sys
 
-from lorabox.env.build import git_commit, lock_hash, plan_build
+from lorabox.env.build import git_commit, git_source, lock_hash, plan_build
 from lorabox.env.manifest import Manifest
+from lorabox.env.matrix import BASE_IMAGE
 from tests.conftest import REPO
 
 
@@ -29,12 +30,26 @@ def test_plan_for_cu118_cloud():
     version = Manifest.load(REPO / "pixi.toml").data["workspace"]["version"]
     assert plan["tag"] == f"ghcr.io/example/lorabox:{version}-cu118-cloud"
     assert plan["target"] == "cloud" and plan["dockerfile"] == "docker/Dockerfile"
-    assert plan["buildargs"] == {"ENV": "cu118", "CUDA": "11.8", "BASE_IMAGE": "nvidia/cuda:11.8.0-base-ubuntu22.04"}
+    # one base for every lane; the toolkit's gate is the lane's minor-version floor, not the toolkit it was built with
+    assert plan["buildargs"] == {
+        "ENV": "cu118",
+        "CUDA": "11.0",
+        "BASE_IMAGE": BASE_IMAGE,
+        "REQUIRE_CUDA": "cuda>=11.0",
+    }
     labels = plan["labels"]
-    assert labels["dev.lorabox.environment"] == "cu118"
+    assert labels["dev.lorabox.lane"] == "cu118" and labels["org.opencontainers.image.version"] == version
     assert labels["dev.lorabox.torch"] == "2.7.1+cu118"
+    assert labels["org.opencontainers.image.source"] == git_source(REPO)
     assert labels["dev.lorabox.pixi-lock-sha256"] == lock_hash(REPO)
     assert labels["org.opencontainers.image.revision"] == git_commit(REPO)
+
+
+def test_source_from_origin(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert git_source(tmp_path) == "unknown"
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", "git@github.com:o/r.git"], check=True)
+    assert git_source(tmp_path) == "https://github.com/o/r"
 
 
 def test_lock_hash_and_commit(tmp_path):
@@ -53,11 +68,13 @@ def test_overrides_and_refusals():
         "ENV": "cpu",
         "CUDA": "",
         "BASE_IMAGE": "localhost/debian:bookworm",
+        "REQUIRE_CUDA": "",
         "ENV_IMAGE": "localhost/e:1",
     }
     assert "--target linux" in plan.docker_command()
+    assert plan_build(manifest, "cu130", "linux").buildargs["REQUIRE_CUDA"] == "cuda>=13.0"
     wsl_cpu = dry_run("--env", "cpu", "--flavour", "wsl2")
-    assert wsl_cpu.returncode == 2 and "choose one of linux, cloud" in wsl_cpu.stderr
+    assert wsl_cpu.returncode == 2 and "invalid choice: 'wsl2'" in wsl_cpu.stderr
     unknown = dry_run("--env", "cu999")
     assert unknown.returncode == 2 and "expected one of" in unknown.stderr
     assert "Traceback" not in unknown.stderr + wsl_cpu.stderr

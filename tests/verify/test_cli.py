@@ -53,11 +53,11 @@ def test_human_run_passes_here_with_gpu_checks_skipped():
     proc = run_verify()
     assert proc.returncode == (2 if warnings else 0), proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("[1/6] ⊘ NVIDIA driver and devices — no NVIDIA GPU")
-    assert any(line.startswith("[2/6] ✓ bitsandbytes native kernels") for line in lines)
+    assert lines[0].startswith("[1/7] ⊘ NVIDIA driver and devices — no NVIDIA GPU")
+    assert any(line.startswith("[2/7] ✓ bitsandbytes native kernels") for line in lines)
     assert not any("✗" in line for line in lines), proc.stdout
     warned = [line for line in lines if "⚠" in line]
-    assert len(warned) == len(warnings) and all(line.startswith("[4/6] ⚠ Model cache") for line in warned), proc.stdout
+    assert len(warned) == len(warnings) and all(line.startswith("[5/7] ⚠ Model cache") for line in warned), proc.stdout
     if not warnings:
         assert lines[-1].endswith("exit 0: all checks passed (skipped checks say why)")
     seconds = float(lines[-1].split(" in ")[1].split(" s")[0])

@@ -14,7 +14,7 @@ from lorabox.verify.cli import main
 from lorabox.verify.registry import run_checks
 
 CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
-CU128_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 RTX_3060 = GpuInfo(0, "NVIDIA GeForce RTX 3060 Laptop GPU", 6 * 2**30, 5 * 2**30, (8, 6))
 RTX_5090 = GpuInfo(0, "NVIDIA GeForce RTX 5090", 32 * 2**30, 31 * 2**30, (12, 0))
 
@@ -68,14 +68,24 @@ def test_driver_too_old_for_the_build_fails(tmp_path, monkeypatch):
     facts = torch_facts("12.6", CU126_ARCHS, available=False)  # CUDA init fails on such a driver
     report, result = gpu_report(tmp_path, monkeypatch, "470.82.01", RTX_3060, facts)
     assert (result.status, report.exit_code) == ("fail", 1)
-    assert "too old" in result.message and "560.28.03" in result.message
-    assert "update the NVIDIA driver to ≥ 560.28.03" in result.fix and "lorabox env pick" in result.fix
+    assert "too old" in result.message and "525.60.13" in result.message
+    assert "update the NVIDIA driver to ≥ 525.60.13" in result.fix and "lorabox env pick" in result.fix
 
 
-def test_driver_in_minor_version_compatibility_only_warns(tmp_path, monkeypatch):
+def test_driver_in_minor_version_compatibility_passes_as_pick_decides(tmp_path, monkeypatch):
+    """535 runs cu126 (`lorabox env pick` chooses it): verify agrees, and says what minor-version compat limits."""
     report, result = gpu_report(tmp_path, monkeypatch, "535.183.01", RTX_3060, torch_facts("12.6", CU126_ARCHS))
+    assert (result.status, report.exit_code) == ("pass", 0)
+    assert "minor-version compatibility" in result.message and "no PTX JIT" in result.message
+    assert result.values["driver_minor_version_floor"] == "525.60.13"
+
+
+def test_cu118_torch_warns_about_its_cve(tmp_path, monkeypatch):
+    facts = torch_facts("11.8", CU126_ARCHS)
+    facts.version = "2.7.1+cu118"
+    report, result = gpu_report(tmp_path, monkeypatch, "470.256.02", RTX_3060, facts, lane="cu118")
     assert (result.status, report.exit_code) == ("warn", 2)
-    assert "minor-version compatibility" in result.message and "560.28.03" in result.fix
+    assert "CVE-2026-24747" in result.message and "torch.load" in result.message
 
 
 def test_gpu_newer_than_the_wheels_is_no_kernel_image(tmp_path, monkeypatch):
@@ -83,10 +93,10 @@ def test_gpu_newer_than_the_wheels_is_no_kernel_image(tmp_path, monkeypatch):
     report, result = gpu_report(tmp_path, monkeypatch, "575.51.02", RTX_5090, facts)
     assert (result.status, report.exit_code) == ("fail", 1)
     assert "sm_120" in result.message and "no kernel image" in result.message
-    assert "pixi run -e cu128 verify" in result.fix
+    assert "pixi run -e cu130 verify" in result.fix
 
-    facts = torch_facts("12.8", CU128_ARCHS, capability=(12, 0))
-    report, result = gpu_report(tmp_path, monkeypatch, "575.51.02", RTX_5090, facts, lane="cu128")
+    facts = torch_facts("13.0", CU130_ARCHS, capability=(12, 0))
+    report, result = gpu_report(tmp_path, monkeypatch, "580.95.05", RTX_5090, facts, lane="cu130")
     assert (result.status, report.exit_code) == ("pass", 0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from lorabox.env import host
-from lorabox.env.compat import BNB_MIN_CAPABILITY_4BIT, MINOR_VERSION_FLOORS, driver_floor, driver_meets, version_tuple
+from lorabox.env.compat import BNB_MIN_CAPABILITY_4BIT, advisory, cuda_floors, driver_meets, version_tuple
 from lorabox.verify.checks.base import GIB, CheckResult, Context, TorchFacts
 from lorabox.verify.expected import expected, reinstall_fix
 
@@ -66,40 +66,52 @@ def covers(capability: tuple[int, int], arch_list: list[str]) -> bool:
     return False
 
 
-def known_floor(cuda: str, windows: bool) -> str | None:
+def known_floors(cuda: str, windows: bool) -> tuple[str, str] | None:
+    """(minor-version floor, full-feature floor) from env.compat, the table `lorabox env pick` decides with."""
     try:
-        return driver_floor(cuda, windows=windows)
-    except KeyError:  # a CUDA older than any listed: no lorabox lane ships it, the lane check reports that
+        return cuda_floors(cuda, windows=windows)
+    except KeyError:  # a CUDA major no lorabox lane ships: the lane check reports that
         return None
 
 
-def torch_problems(ctx: Context, facts: TorchFacts, windows: bool) -> list[tuple[str, str, str]]:
-    """(status, message, fix) for everything that stops this torch from using these GPUs."""
-    problems = []
+def lane_cuda(ctx: Context, exp) -> str | None:
+    """The CUDA of the torch wheels the expected lane installs ('12.6' for cu126), None when unknown."""
+    try:
+        return exp.environment.build.cuda if exp.environment else None
+    except KeyError:
+        return None
+
+
+def torch_problems(ctx: Context, facts: TorchFacts, windows: bool) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(status, message, fix) for everything that stops this torch from using these GPUs, and notes for a pass."""
+    problems, notes = [], []
     n = len(ctx.gpu.gpus)
     if facts.cuda is None:
-        fix = f"pixi run -e cu126 verify (or -e cu128 for RTX 50xx); {PICK}"
-        return [("fail", f"torch {facts.version} is a CPU-only build but {n} NVIDIA GPU(s) are present", fix)]
+        fix = f"pixi run -e cu126 verify (or -e cu130 for RTX 50xx and B200); {PICK}"
+        return [("fail", f"torch {facts.version} is a CPU-only build but {n} NVIDIA GPU(s) are present", fix)], notes
     exp = expected(ctx.environ, facts.cuda)
-    lane_cuda = exp.environment.cuda if exp.environment else None
-    if lane_cuda and version_tuple(lane_cuda)[:2] != version_tuple(facts.cuda)[:2]:
-        message = (
-            f"torch is built for CUDA {facts.cuda} but environment {exp.name} ships CUDA {lane_cuda} (wrong wheel)"
-        )
+    shipped = lane_cuda(ctx, exp)
+    if shipped and version_tuple(shipped)[:2] != version_tuple(facts.cuda)[:2]:
+        message = f"torch is built for CUDA {facts.cuda} but environment {exp.name} ships CUDA {shipped} (wrong wheel)"
         problems.append(("fail", message, f"pixi install -e {exp.name}; {PICK}"))
-    floor = known_floor(facts.cuda, windows)
-    if ctx.gpu.driver and floor and not driver_meets(ctx.gpu.driver, floor):
+    floors = known_floors(facts.cuda, windows)
+    if ctx.gpu.driver and floors and not driver_meets(ctx.gpu.driver, floors[0]):
         major = version_tuple(facts.cuda)[0]
-        fix = f"update the NVIDIA driver to ≥ {floor}{' on Windows' if windows else ''}, or {PICK}"
-        if major in MINOR_VERSION_FLOORS and driver_meets(ctx.gpu.driver, MINOR_VERSION_FLOORS[major]):
-            message = (
-                f"driver {ctx.gpu.driver} is below CUDA {facts.cuda}'s floor {floor}; it runs only through "
-                "minor-version compatibility (no PTX JIT, some features missing)"
-            )
-            problems.append(("warn", message, fix))
-        else:
-            message = f"driver {ctx.gpu.driver} is too old for torch's CUDA {facts.cuda} (needs ≥ {floor})"
-            problems.append(("fail", message, fix))
+        message = (
+            f"driver {ctx.gpu.driver} is too old for torch's CUDA {facts.cuda} (needs ≥ {floors[0]}, CUDA {major} "
+            f"minor-version compatibility; ≥ {floors[1]} for every feature)"
+        )
+        fix = f"update the NVIDIA driver to ≥ {floors[0]}{' on Windows' if windows else ''}, or {PICK}"
+        problems.append(("fail", message, fix))
+    elif ctx.gpu.driver and floors and not driver_meets(ctx.gpu.driver, floors[1]):
+        # Supported, as `lorabox env pick` decides: the wheels carry compiled kernels, so the lost PTX JIT only
+        # matters for a GPU newer than the arch list, which the coverage check below fails on anyway.
+        notes.append(
+            f"driver {ctx.gpu.driver} runs CUDA {facts.cuda} through minor-version compatibility (below "
+            f"{floors[1]}: no PTX JIT, no features that need a newer driver)"
+        )
+    if text := advisory(facts.version):
+        problems.append(("warn", text, f"a driver ≥ 525.60.13 runs the cu126 lane, whose torch is fixed; {PICK}"))
     if not facts.available:
         fix = "see the driver line above; check `nvidia-smi` and that CUDA_VISIBLE_DEVICES is not empty"
         problems.append(("fail", f"torch.cuda.is_available() is False although {n} GPU(s) are present", fix))
@@ -107,12 +119,12 @@ def torch_problems(ctx: Context, facts: TorchFacts, windows: bool) -> list[tuple
         if facts.arch_list and not covers(gpu.capability, facts.arch_list):
             built = f"{facts.arch_list[0]} … {facts.arch_list[-1]}"
             message = f"GPU {gpu.index} {gpu.name} is {gpu.sm}; this torch has kernels for {built} ('no kernel image')"
-            fix = f"pixi run -e cu128 verify (Blackwell and newer need the cu128 lane); {PICK}"
+            fix = f"pixi run -e cu130 verify (Blackwell and newer need the cu130 lane, driver ≥ 580); {PICK}"
             problems.append(("fail", message, fix))
         if gpu.capability < BNB_MIN_CAPABILITY_4BIT:
             message = f"GPU {gpu.index} {gpu.name} ({gpu.sm}) is below bitsandbytes' sm_60 floor for NF4 and 8-bit Adam"
             problems.append(("fail", message, "use a Pascal (sm_60) or newer GPU for QLoRA"))
-    return problems
+    return problems, notes
 
 
 def check_torch(ctx: Context) -> CheckResult:
@@ -132,15 +144,16 @@ def check_torch(ctx: Context) -> CheckResult:
         "arch_list": facts.arch_list,
         "capabilities": [list(c) for c in facts.capabilities],
         "bf16": facts.bf16,
-        "driver_floor": known_floor(facts.cuda, windows) if facts.cuda else None,
     }
-    problems = torch_problems(ctx, facts, windows)
+    floors = known_floors(facts.cuda, windows) if facts.cuda else None
+    values["driver_minor_version_floor"], values["driver_floor"] = floors or (None, None)
+    problems, notes = torch_problems(ctx, facts, windows)
     worst = next((s for s in ("fail", "warn") if any(p[0] == s for p in problems)), "pass")
     if problems:
         fixes = list(dict.fromkeys(p[2] for p in problems if p[0] == worst))
         return CheckResult("gpu.torch", title, worst, "; ".join(p[1] for p in problems), " | ".join(fixes), values)
     bf16 = "bf16 supported" if facts.bf16 else "no bf16 (fp16 compute will be used)"
-    message = f"torch {facts.version} CUDA {facts.cuda} drives {facts.device_count} GPU(s); {bf16}"
+    message = "; ".join([f"torch {facts.version} CUDA {facts.cuda} drives {facts.device_count} GPU(s)", bf16, *notes])
     return CheckResult("gpu.torch", title, "pass", message, None, values)
 
 
