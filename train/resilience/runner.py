@@ -56,7 +56,7 @@ def _say(line: str) -> None:
 
 def _finish(trainer: Any, interrupted: bool, code: int, alone: bool = False) -> FitOutcome:
     status = os.environ.get(STATUS_ENV)
-    if status and (_main_process() or alone):
+    if status and (os.environ.get("LOCAL_RANK", "0") == "0" or alone):  # each node's launcher reads its own file
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": interrupted}) + "\n")
     return FitOutcome(trainer, interrupted, code, alone)
 
