@@ -1,6 +1,4 @@
-"""Several machines, one run: which node this is and where the rendezvous is, from flags or from the variables
-that Kubernetes (Kubeflow Trainer), SkyPilot or a torchrun-style launcher set; checks that every node can reach the
-rendezvous and sees rank 0's run directory."""
+"""Several machines, one run: this node's rank and the rendezvous, from flags or the engines' variables, checked."""
 
 from __future__ import annotations
 
