@@ -11,9 +11,10 @@ from pathlib import Path
 
 from lorabox.env.recipe import RecipeError, load_recipe
 from lorabox.train import environment, rundir
+from lorabox.train import nodes as multinode
 from lorabox.train.console import say
 from lorabox.train.data import DataError
-from lorabox.train.run import add_run_arguments, preflight
+from lorabox.train.run import add_run_arguments, preflight, validate_data
 
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
 # `lorabox train NAME …` for these names runs a sibling module instead of training
@@ -25,6 +26,7 @@ examples:
   lorabox train --config train/recipes/llama3-8b-24gb.yaml --set training.max_steps=500
   lorabox train --config my.yaml --accelerate-config train/accelerate/fsdp-qlora.yaml --num-processes 2
   lorabox train --config my.yaml --run-dir runs/my --no-resume       # start over instead of resuming
+  lorabox train --config my.yaml --run-dir /shared/runs/my --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.5:29500
   lorabox train merge runs/my --out merged/                          # base (dequantised) + adapter, safetensors
   lorabox train generate runs/my --prompt "What is the capital of Peru?"
 exit codes: 0 done, 2 bad recipe/data/arguments/run directory (checked before anything starts),
@@ -44,11 +46,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     add_run_arguments(parser, config_required=True)
     parser.add_argument("--accelerate-config", type=Path, help="launcher config (default: chosen from the GPUs seen)")
     parser.add_argument("--num-processes", type=int, help="processes to start (default: one per GPU, or 1 on CPU)")
+    multinode.add_node_arguments(parser)
     return parser
 
 
-def choose_accelerate_config(explicit: Path | None, num_processes: int | None) -> tuple[Path, int | None, str]:
-    """(config file, --num_processes or None to keep the file's, why). GPUs are read through NVML, not CUDA."""
+def choose_accelerate_config(
+    explicit: Path | None, num_processes: int | None, nnodes: int = 1
+) -> tuple[Path, int | None, str]:
+    """(config file, --num_processes per node or None to keep the file's, why). GPUs are read through NVML, not CUDA.
+    Several nodes always take a distributed config, even with one process per node."""
     if explicit is not None:
         return explicit, num_processes, f"{explicit} given with --accelerate-config"
     from lorabox.env.gpu import read_gpus
@@ -57,21 +63,31 @@ def choose_accelerate_config(explicit: Path | None, num_processes: int | None) -
     count = len(reading.gpus)
     if count == 0:
         why = f"no NVIDIA GPU seen ({reading.error or reading.source}): CPU training, fp32"
-        if num_processes and num_processes > 1:
-            return ACCELERATE_DIR / "cpu-ddp.yaml", num_processes, f"{why}, {num_processes} DDP processes (gloo)"
+        if (num_processes and num_processes > 1) or nnodes > 1:
+            wanted = num_processes or 1
+            return (
+                ACCELERATE_DIR / "cpu-ddp.yaml",
+                wanted,
+                f"{why}, {wanted} DDP processes (gloo)" + (" per node" if nnodes > 1 else ""),
+            )
         return ACCELERATE_DIR / "cpu.yaml", None, why
     names = ", ".join(sorted({gpu.name for gpu in reading.gpus}))
     wanted = num_processes or count
-    if wanted == 1:
+    if wanted == 1 and nnodes == 1:
         return ACCELERATE_DIR / "single-gpu.yaml", None, f"{count} GPU(s) seen ({names}): one process on GPU 0"
     return ACCELERATE_DIR / "multi-gpu.yaml", wanted, f"{count} GPUs seen ({names}): DDP, {wanted} processes"
 
 
 def accelerate_command(
-    config: Path, num_processes: int | None, threads: int | None, train_args: list[str]
+    config: Path,
+    num_processes: int | None,
+    threads: int | None,
+    train_args: list[str],
+    machines: list[str] = (),
 ) -> list[str]:
     # --quiet: a rank that dies makes accelerate exit 1 instead of printing its own CalledProcessError traceback.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config)]
+    # `num_processes` counts all nodes' processes (accelerate divides it by --num_machines).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config), *machines]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
     if threads is not None:
@@ -110,9 +126,13 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         if problem:
             raise rundir.RunDirError(problem)
         recipe = load_recipe(args.config, args.set)
+        nodes = multinode.resolve(args)
         run_dir = (args.run_dir or recipe.output_dir).resolve()
-        preflight(recipe, run_dir, args.allow_recipe_change, take_lock=True)  # the lock is held until we exit
-    except (RecipeError, DataError, rundir.RunDirError) as error:
+        if nodes is None or nodes.rank == 0:
+            preflight(recipe, run_dir, args.allow_recipe_change, take_lock=True)  # the lock is held until we exit
+        else:  # node 0's launcher holds the shared run directory's lock and checks its identity
+            validate_data(recipe)
+    except (RecipeError, DataError, rundir.RunDirError, multinode.NodesError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
     except UnicodeDecodeError as error:  # the recipe file itself
@@ -123,7 +143,8 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         from lorabox.train.tiny_model import resolve
 
         say(f"bundled model ready at {resolve(recipe.model.name_or_path)}")
-    config, num_processes, why = choose_accelerate_config(args.accelerate_config, args.num_processes)
+    per_node = args.num_processes or (nodes.per_node if nodes else None)
+    config, num_processes, why = choose_accelerate_config(args.accelerate_config, per_node, nodes.count if nodes else 1)
     if not config.is_file():
         print(f"{prog}: accelerate config {config} not found; pick one of {ACCELERATE_DIR}/*.yaml", file=sys.stderr)
         return 2
@@ -141,7 +162,19 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
             "1 CPU thread per process: the tiny model's matrices are too small to split across threads "
             "(OMP_NUM_THREADS overrides)"
         )
-    cmd = accelerate_command(config, num_processes, threads, train_args)
+    machines: list[str] = []
+    if nodes is not None:
+        say(
+            f"node {nodes.rank} of {nodes.count}, rendezvous {nodes.endpoint} (from {nodes.source}); "
+            "the run directory must be on storage every node sees"
+        )
+        if nodes.rank > 0 and (problem := multinode.wait_for_rendezvous(nodes, args.rdzv_timeout)):
+            print(f"{prog}: {problem}", file=sys.stderr)
+            return 2
+        machines = multinode.accelerate_arguments(nodes, args.rdzv_timeout)
+        num_processes = (num_processes or 1) * nodes.count
+        os.environ.update(multinode.rank_environment(nodes, args.collective_timeout))
+    cmd = accelerate_command(config, num_processes, threads, train_args, machines)
     say(" ".join(cmd))
     from lorabox.train.resilience.launcher import launch
 

@@ -190,7 +190,7 @@ def user_error(error: Exception | str, code: int = 2) -> int:
     status = os.environ.get(STATUS_ENV)
     if not status:
         return code
-    if is_main_process():
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # each node's launcher reads its own status file
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": False}) + "\n", encoding="utf-8")
     return 0  # a non-zero rank exit would make accelerate print its own traceback over our message
 
@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
         return user_error(error)
     except OSError as error:
         return user_error(rundir.storage_message(error, run_dir), rundir.EXIT_STORAGE)
+    from lorabox.train.nodes import check_shared_run_dir
+
+    if (code := check_shared_run_dir(run_dir)) is not None:  # several nodes: all of them see rank 0's run dir
+        return code
     # TensorBoard's writer reads this variable; keep its event files next to the other run outputs.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 

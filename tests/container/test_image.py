@@ -19,93 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from lorabox.train.resilience import checkpoints
 from tests.conftest import REPO
+from tests.container.conftest import BASE, RUNTIME_ENTRYPOINT, SESSION, podman, timed
 
 pytestmark = pytest.mark.container
-
-BASE = os.environ.get("LORABOX_BASE_IMAGE", "localhost/debian:bookworm")
-WHEELS = Path(os.environ.get("PIP_FIND_LINKS", "/opt/wheels"))  # the host's CPU torch wheel, if it has one
-HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
-TIMINGS: dict[str, float] = {}
-# Every tag and container name this session creates carries it, so two test sessions on one machine never share
-# (and never remove) each other's images or containers. The pins-env stand-in is shared on purpose: its tag hashes
-# its inputs, and it is never removed.
-SESSION = uuid.uuid4().hex[:10]
-
-
-def podman(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(
-            f"podman {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        )
-    return done
-
-
-def timed(name: str, started: float) -> None:
-    TIMINGS[name] = round(time.monotonic() - started, 1)
-    print(f"container timing: {name} {TIMINGS[name]} s")
-
-
-def build_image(name: str, tag: str, containerfile: str, *args: str) -> None:
-    """`podman build` of this repository, timed as `name`: Docker format (OCI drops HEALTHCHECK), no layer cache."""
-    started = time.monotonic()
-    podman(
-        "build", "--format", "docker", "--layers=false", "-f", containerfile, *args, "-t", tag, str(REPO), timeout=1800
-    )
-    timed(name, started)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed: `.ci/containers` (as root, Debian) installs it and the base image")
-    info = podman("info", check=False, timeout=120)
-    if info.returncode != 0:
-        pytest.skip(f"podman cannot run containers here: {(info.stderr.strip().splitlines() or ['?'])[-1]}")
-    if podman("image", "exists", BASE, check=False).returncode != 0:
-        pytest.skip(f"base image {BASE} is missing: `.ci/containers` builds it with debootstrap")
-    yield
-    print(f"container timings (s): {json.dumps(TIMINGS)}")
-
-
-@pytest.fixture(scope="module")
-def env_image(engine, tmp_path_factory) -> str:
-    """The stand-in for the pixi-env stage, tagged by a hash of what it is built from (reused when unchanged)."""
-    inputs = ["pixi.toml", "pyproject.toml", "tests/container/pins-env.Containerfile"]
-    digest = hashlib.sha256(b"".join((REPO / name).read_bytes() for name in inputs)).hexdigest()[:12]
-    tag = f"localhost/lorabox-pins-env:cpu-{digest}"
-    if podman("image", "exists", tag, check=False).returncode == 0:
-        return tag
-    wheels = WHEELS if WHEELS.is_dir() else tmp_path_factory.mktemp("no-wheels")
-    # Without a local CPU torch wheel, pip must see the CPU wheel index that CI sets (a bare torch pin is CUDA's).
-    extra_index = os.environ.get("PIP_EXTRA_INDEX_URL")
-    index = ["--env", f"PIP_EXTRA_INDEX_URL={extra_index}"] if extra_index else []
-    build_image(
-        "env stand-in build",
-        tag,
-        "tests/container/pins-env.Containerfile",
-        *index,
-        "-v",
-        f"{HOST_CA}:/run/host-ca.crt:ro",
-        "-v",
-        f"{wheels}:/wheels:ro",
-        "--build-arg",
-        "PIP_CERT=/run/host-ca.crt",
-        "--build-arg",
-        f"BASE_IMAGE={BASE}",
-    )
-    return tag
 
 
 @pytest.fixture(scope="module")
@@ -123,38 +48,6 @@ def docker_host(engine, tmp_path_factory):
     yield f"unix://{sock}"
     service.terminate()
     service.wait(timeout=30)
-
-
-def plan(*args: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "lorabox.env", "build", "--env", "cpu", "--dry-run", "--json", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(done.stdout)
-
-
-@pytest.fixture(scope="module")
-def cloud_image(env_image) -> str:
-    cloud = plan(
-        "--flavour", "cloud", "--base-image", BASE, "--env-image", env_image, "--registry", f"localhost/test-{SESSION}"
-    )
-    args = [f"--build-arg={k}={v}" for k, v in cloud["buildargs"].items()]
-    args += [f"--label={k}={v}" for k, v in cloud["labels"].items()]
-    build_image(
-        "runtime build (cloud target, podman build)",
-        cloud["tag"],
-        cloud["dockerfile"],
-        "--target",
-        "cloud",
-        *args,
-    )
-    yield cloud["tag"]
-    podman("rmi", "-f", cloud["tag"], check=False)
-    podman("image", "prune", "-f", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +90,6 @@ def api_image(engine, docker_host, tmp_path_factory) -> str:
     yield tag
     podman("rmi", "-f", tag, tiny, check=False)
     podman("image", "prune", "-f", check=False)
-
-
-RUNTIME_ENTRYPOINT = '["/usr/bin/tini", "--", "/app/docker/entrypoint.sh"]'  # the linux target's (the runtime stage's)
 
 
 def run_in(image: str, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lorabox.env.runplan import RunPlan
-from lorabox.train.console import is_main_process, say
+from lorabox.train.console import say
 from lorabox.train.resilience import checkpoints, faults, segments
 from lorabox.train.resilience.launcher import STATUS_ENV
 from lorabox.train.resilience.trainer_mixin import STOP, NonFiniteLoss, exit_code
@@ -60,7 +60,7 @@ def _finish(trainer: Any, interrupted: bool, code: int, alone: bool = False) -> 
     if _segment is not None:
         _segment.close(f"stopped by {_name(code - 128)}" if interrupted else _ENDINGS.get(code, f"exit {code}"))
     status = os.environ.get(STATUS_ENV)
-    if status and (is_main_process() or alone):
+    if status and (os.environ.get("LOCAL_RANK", "0") == "0" or alone):  # each node's launcher reads its own file
         Path(status).write_text(json.dumps({"exit_code": code, "interrupted": interrupted}) + "\n")
     return FitOutcome(trainer, interrupted, code, alone)
 
