@@ -55,19 +55,17 @@ def lock_hash(root: Path) -> str:
     return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "unlocked"
 
 
+def _git(root: Path, *args: str) -> str:
+    """`git -C root ARGS…`'s output; raises when git is missing or fails (callers answer 'unknown')."""
+    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=10)
+    return done.stdout.strip()
+
+
 def git_commit(root: Path) -> str:
     """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside a git checkout."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        head = _git(root, "rev-parse", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}-dirty" if dirty else head
@@ -76,13 +74,7 @@ def git_commit(root: Path) -> str:
 def git_source(root: Path) -> str:
     """The repository's web address from `origin` (git@github.com:o/r.git -> https://github.com/o/r), or 'unknown'."""
     try:
-        url = subprocess.run(
-            ["git", "-C", str(root), "remote", "get-url", "origin"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        url = _git(root, "remote", "get-url", "origin")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if url.startswith("git@") and ":" in url:

@@ -1,8 +1,9 @@
-"""Shared test setup: the `gpu` marker's skip rule (markers are registered in pyproject.toml)."""
+"""Shared test setup: the `gpu` marker's skip rule (markers are registered in pyproject.toml) and one model cache."""
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One LORABOX_CACHE for the session, so the bundled tiny model is built once and not in ~/.cache."""
+    cache = tmp_path_factory.mktemp("lorabox-cache")
+    previous = os.environ.get("LORABOX_CACHE")
+    os.environ["LORABOX_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("LORABOX_CACHE", None)
+    else:
+        os.environ["LORABOX_CACHE"] = previous

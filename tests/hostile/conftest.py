@@ -91,16 +91,9 @@ def assert_kept(before: dict[str, str], root: Path) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def model_cache(tmp_path_factory):
-    """One LORABOX_CACHE for the session: the bundled tiny model is built once, not in ~/.cache."""
-    cache = tmp_path_factory.mktemp("lorabox-cache")
-    previous = os.environ.get("LORABOX_CACHE")
-    os.environ["LORABOX_CACHE"] = str(cache)
-    yield cache
-    if previous is None:
-        os.environ.pop("LORABOX_CACHE", None)
-    else:
-        os.environ["LORABOX_CACHE"] = previous
+def _one_model_cache(model_cache):
+    """Every hostile case shares the session's LORABOX_CACHE (tests/conftest.py)."""
+    return model_cache
 
 
 def write_recipe(directory: Path, train_file: Path | str, name: str = "tiny.yaml", **sections) -> Path:

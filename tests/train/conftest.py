@@ -15,19 +15,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_DATA = REPO / "train" / "samples" / "demo-instruction.jsonl"
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory) -> Path:
-    """One LORABOX_CACHE for the session, so the bundled tiny model is built once and not in ~/.cache."""
-    cache = tmp_path_factory.mktemp("lorabox-cache")
-    previous = os.environ.get("LORABOX_CACHE")
-    os.environ["LORABOX_CACHE"] = str(cache)
-    yield cache
-    if previous is None:
-        os.environ.pop("LORABOX_CACHE", None)
-    else:
-        os.environ["LORABOX_CACHE"] = previous
-
-
 def _write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
