@@ -186,20 +186,4 @@ BNB_MIN_CAPABILITY_4BIT = (6, 0)
 BNB_MIN_CAPABILITY_INT8 = (7, 5)
 BF16_MIN_CAPABILITY = (8, 0)
 
-# Hardware tiers from the seed guides (GPU memory, GiB).
-TIERS: list[tuple[float, str]] = [
-    (6, "minimum: small models (<= 3B) in 4-bit, short sequences"),
-    (12, "7B QLoRA with gradient checkpointing, micro-batch 1-2, 2k context"),
-    (24, "comfortable: 7B-13B QLoRA, larger micro-batches"),
-    (40, "large: 13B-34B QLoRA, or 7B without gradient checkpointing"),
-]
-
 WSL_LIBCUDA_DIR = "/usr/lib/wsl/lib"
-
-
-def tier_for(total_gib: float) -> str:
-    label = "below the 6 GiB minimum: QLoRA of 7B models will not fit"
-    for floor, text in TIERS:
-        if total_gib >= floor - 0.5:  # cards report slightly under their nominal size
-            label = f"{floor:g} GiB tier: {text}"
-    return label
