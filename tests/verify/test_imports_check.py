@@ -102,7 +102,8 @@ def test_the_real_environment_has_no_drift(monkeypatch):
         ({}, None, "cpu"),
         ({}, "11.8", "cu118"),
         ({}, "12.6", "cu126"),
-        ({}, "12.8", "cu128"),
+        ({}, "13.0", "cu130"),
+        ({}, "12.8", None),  # no lane builds CUDA 12.8 any more
         ({}, "12.4", None),
     ],
 )
