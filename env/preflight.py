@@ -83,7 +83,9 @@ def ask_engine(name: str, path: str, timeout: float) -> Engine:
         return Engine(name, path, None, f"`{name} info` did not print JSON")
 
 
-def find_engine(preference: str = "auto", timeout: float = 20.0) -> Engine:
+# `info` answers in well under a second on an idle host, but podman's takes tens of seconds while other podman
+# commands hold its storage lock (image builds, container clean-up): wait a minute before calling it dead.
+def find_engine(preference: str = "auto", timeout: float = 60.0) -> Engine:
     """The first engine that answers `info` (docker before podman); else the first found, with its error."""
     names = ["docker", "podman"] if preference == "auto" else [preference]
     tried = [ask_engine(name, path, timeout) for name in names if (path := shutil.which(name))]
