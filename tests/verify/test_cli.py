@@ -113,7 +113,7 @@ def test_help_shows_worked_examples_and_exit_codes(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "lorabox verify --json" in out and "3 the verifier itself could not run" in out
-    assert "gpu, bnb, alloc, host, imports, config_fit" in out
+    assert "gpu, bnb, alloc, triton, host, imports, config_fit" in out
 
 
 def test_a_crashing_check_is_exit_3_and_the_others_still_run():
