@@ -55,7 +55,7 @@ def test_quick_lorabox_side_is_lorabox_trains_path(quick):
         "lorabox plan: LoRA adapters fp32",
     ):
         assert line in run.stdout
-    assert "lorabox: LoRA r=16 alpha=32:" in run.stdout
+    assert "lorabox: LoRA r=16 alpha=32:" in run.stderr  # train.run's own lines, on stderr like every lorabox: line
 
 
 @pytest.mark.slow
