@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
 
     from lorabox.train.resilience import fit
 
+    rundir.quiet_storage_errors_in_threads()
     try:
         # fit() picks the newest complete checkpoint, stops cleanly on SIGTERM/SIGINT, guards NaN, and on OOM derives
         # a smaller-micro-batch plan from this one.

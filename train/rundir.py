@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -48,11 +49,25 @@ def free_bytes(path: Path) -> int | None:
 
 def storage_message(error: OSError, path: Path) -> str:
     """One line for a filesystem failure: which path, what the system said, how much space is left."""
-    where = Path(error.filename) if getattr(error, "filename", None) else path
+    # filename is bytes when the failing call was given bytes (os.scandir in a cleanup, TensorBoard's writer)
+    where = Path(os.fsdecode(error.filename)) if getattr(error, "filename", None) else path
     free = free_bytes(where)
     space = f"{free:,} bytes free there" if free is not None else "free space unknown"
     what = os.strerror(error.errno) if error.errno else str(error)
     return f"cannot write {where}: {what} ({space})"
+
+
+def quiet_storage_errors_in_threads() -> None:
+    """Writer threads (TensorBoard's event writer) that meet a full or read-only disk would print a traceback from
+    their thread; the main thread meets the same error on its next write and reports it in one line, so a storage
+    error in another thread is left to it. Any other thread error keeps Python's default report."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in STORAGE_ERRNOS):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def storage_failure(error: BaseException, run_dir: Path) -> str | None:

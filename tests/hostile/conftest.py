@@ -30,10 +30,11 @@ def run_lorabox(*args: str, env: dict | None = None, timeout: float = 300) -> su
     return subprocess.run(command, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def start_lorabox(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    """`lorabox ARGS…` in the background; its output goes to `log` (a pipe nobody reads would fill and block it)."""
+def start_lorabox(*args: str, log: Path, env: dict | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
+    """`lorabox ARGS…` in the background; its output goes to `log` (a pipe nobody reads would fill and block it).
+    `prefix` is a command that runs it (e.g. setpriv with fewer capabilities)."""
     environ = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    command = [sys.executable, "-m", "lorabox.train.cli", *args]
+    command = [*(prefix or []), sys.executable, "-m", "lorabox.train.cli", *args]
     with open(log, "w") as sink:
         process = subprocess.Popen(command, env=environ, stdout=sink, stderr=subprocess.STDOUT, text=True)
     process.log = log
