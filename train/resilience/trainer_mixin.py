@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from lorabox.train.console import say
 from lorabox.train.resilience import checkpoints, determinism, faults
 
 # SIGHUP: `lorabox train` forwards it when its terminal closes; it is a stop like the other two.
@@ -127,7 +129,8 @@ class _ResilienceCallback(TrainerCallback):
             model.zero_grad(set_to_none=True)
             if bad:
                 count = f"{trainer._nan_skips}/{trainer.max_nan_skips}"
-                print(f"lorabox: skipped optimizer step ({count}): {bad.describe()}", flush=True)
+                # the rank that saw it says so (lorabox's lines go to stderr, stdout is the user's)
+                print(f"lorabox: skipped optimizer step ({count}): {bad.describe()}", file=sys.stderr, flush=True)
             return
         if trainer.on_nan == "skip":
             reason = f"more than resilience.max_nan_skips={trainer.max_nan_skips} non-finite losses"
@@ -234,5 +237,5 @@ class ResilientTrainerMixin:
             faults.crash_if("after-write", self.state.global_step)
             checkpoints.publish(staging_root / name, run_dir / name, self.state.global_step)
             for gone in checkpoints.prune(run_dir, self.args.save_total_limit):
-                print(f"lorabox: removed {gone.name} (save_total_limit={self.args.save_total_limit} or incomplete)")
+                say(f"removed {gone.name} (save_total_limit={self.args.save_total_limit} or incomplete)")
         self.accelerator.wait_for_everyone()
