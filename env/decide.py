@@ -47,17 +47,22 @@ def resolve_shape(name_or_path: str, declared: dict | None = None) -> tuple[Mode
     return None, f"no shape for {name_or_path!r} offline (no local config.json, none cached, not built in)"
 
 
+def ways_out(name_or_path: str) -> list[str]:
+    """The three ways to make a model plannable offline."""
+    return [
+        f"fetch only its config once: hf download {name_or_path} config.json",
+        "describe it in the recipe under model.shape, with config.json's field names (hidden_size, "
+        "intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size, ...)",
+        "point model.name_or_path at a local directory that holds its config.json",
+    ]
+
+
 def cannot_plan(name_or_path: str) -> str:
-    """Why a model cannot be planned offline and the three ways out, as every command prints it."""
+    """Why a model cannot be planned offline and the ways out, as `lorabox plan` prints it."""
+    steps = "".join(f"\n  {n}. {way}" for n, way in enumerate(ways_out(name_or_path), 1))
     return (
         f"cannot plan: {name_or_path!r} is not a local directory, its config.json is not in the Hugging Face cache "
-        "and it is not one of the built-in models (docs/performance.md lists them). Any one of these fixes it:\n"
-        f"  1. fetch only its config once: hf download {name_or_path} config.json\n"
-        "  2. describe it in the recipe, with config.json's field names:\n"
-        "       model:\n"
-        "         shape: {hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 32,\n"
-        "                 num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 32000}\n"
-        "  3. point model.name_or_path at a local directory that holds its config.json"
+        f"and it is not one of the built-in models (docs/performance.md lists them). Any one of these fixes it:{steps}"
     )
 
 
