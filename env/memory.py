@@ -93,14 +93,21 @@ class ModelShape:
             "down_proj": (i, h),
         }
 
-    def copies(self, projection: str) -> int:
-        """How many of this projection one layer holds: every expert's MLP stays resident in a mixture of experts."""
-        return self.experts if self.moe and projection in MLP_PROJECTIONS else 1
+    def linear_modules(self) -> tuple[str, ...]:
+        """The projections that are nn.Linear modules, which bitsandbytes quantises and LoRA can target.
+        transformers 5 stores a mixture of experts' MLPs as fused 3D parameters (MixtralExperts.gate_up_proj,
+        down_proj): bitsandbytes replaces only nn.Linear, and PEFT's target_modules match modules, so those stay
+        unquantised and without adapters (checked with transformers 5.23, peft 0.21)."""
+        return tuple(p for p in PROJECTIONS if not (self.moe and p in MLP_PROJECTIONS))
 
     def linear_params(self) -> int:
-        dense = sum(a * b * self.copies(p) for p, (a, b) in self.projection_dims().items())
-        router = self.hidden * self.experts  # Mixtral's gate: hidden -> one logit per expert
-        return self.layers * (dense + router)
+        """Parameters of the quantised nn.Linear projections."""
+        dims = self.projection_dims()
+        return self.layers * sum(dims[p][0] * dims[p][1] for p in self.linear_modules())
+
+    def expert_params(self) -> int:
+        """Parameters of a mixture of experts' fused expert tensors and router, all resident; 0 for a dense model."""
+        return self.layers * self.experts * (3 * self.hidden * self.intermediate + self.hidden)
 
 
 # Planner presets (7B and 8B are the shapes the seed baseline was measured on); Hub models: env/shapes.py.
@@ -186,7 +193,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, s: RunSettings) -> float
     """Bytes one decoder layer keeps for backward, per token, when it is not checkpointed."""
     h, i, q, kv, c = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, s.compute_bytes
     stream = 4 if s.upcast_non_quantized else c  # residual-stream dtype: bnb returns outputs in the input's dtype
-    targets = set(s.lora_targets)
+    targets = set(s.lora_targets) & set(shape.linear_modules())
     # HF RMSNorm saves its fp32 copy of the input for pow(); Liger's saves the input in its own dtype.
     norm = stream * h if s.liger else 4 * h
 
@@ -220,17 +227,14 @@ def layer_activation_bytes_per_token(shape: ModelShape, s: RunSettings) -> float
         # each token runs through its top-k experts, each keeping the MLP's tensors for its share of the tokens, plus
         # the token's hidden state gathered per expert and the router's fp32 logits
         mlp = shape.active_experts * (mlp + stream * h) + 4 * shape.experts
-    lora_projections = sum(shape.active_experts if p in MLP_PROJECTIONS else 1 for p in targets & set(PROJECTIONS))
-    lora_b_inputs = lora_projections * s.lora_r * c  # lora_B saves lora_A's output
+    lora_b_inputs = len(targets) * s.lora_r * c  # lora_B saves lora_A's output
     return 2 * norm + attention + mlp + lora_b_inputs
 
 
 def lora_params(shape: ModelShape, s: RunSettings) -> int:
     dims = shape.projection_dims()
-    # a mixture of experts gets one adapter per expert's projection (all resident, like the experts themselves)
-    return shape.layers * sum(
-        s.lora_r * (dims[p][0] + dims[p][1]) * shape.copies(p) for p in s.lora_targets if p in dims
-    )
+    modules = shape.linear_modules()
+    return shape.layers * sum(s.lora_r * (dims[p][0] + dims[p][1]) for p in s.lora_targets if p in modules)
 
 
 def estimate(shape: ModelShape, s: RunSettings) -> Estimate:
@@ -251,7 +255,11 @@ def estimate(shape: ModelShape, s: RunSettings) -> Estimate:
         # the quantisation state sits outside FSDP's flat parameters, so every GPU keeps all of it
         out["quantisation constants"] = int(n_linear * QUANT_CONSTANT_BYTES[s.double_quant])
     n_plain = shape.vocab * h * (1 if shape.tied_embeddings else 2) + (2 * shape.layers + 1) * h
+    # the root FSDP unit (embeddings, lm_head, final norm) stays gathered for the whole step
     out["embeddings, lm_head, norms"] = n_plain * plain_bytes
+    if shape.moe:
+        # unquantised like the embeddings (so fp32 after prepare_model_for_kbit_training), sharded under FSDP
+        out["MoE experts + router (unquantised)"] = shape.expert_params() * plain_bytes // shards
 
     n_lora = lora_params(shape, s)
     state = OPTIMIZER_STATE_BYTES.get(s.optimizer, 8.0)

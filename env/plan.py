@@ -120,11 +120,14 @@ def render(plan: RunPlan, notes: list[str], advice: str | None) -> str:
     est, shape, s = plan.estimate, plan.shape, plan.memory
     head = f" x {shape.head_size}" if shape.head_dim else ""
     moe = f", MoE: {shape.experts} experts, {shape.experts_per_token} per token" if shape.moe else ""
+    adapted = len([p for p in s.lora_targets if p in shape.linear_modules()])
+    if adapted < len(s.lora_targets):
+        notes = [*notes, "the experts are fused 3D tensors: not quantised to 4 bits, no LoRA adapters"]
     lines = [
         f"model {shape.name} ({plan.shape_source}): hidden {shape.hidden}, {shape.layers} layers, "
         f"MLP {shape.intermediate}, heads {shape.heads}/{shape.kv_heads} kv{head}, vocab {shape.vocab}{moe}",
         f"run: micro-batch {s.micro_batch} x {s.seq_len} tokens (accumulation {s.grad_accum}), "
-        f"{'NF4' if s.load_in_4bit else 'unquantised'} base, LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
+        f"{'NF4' if s.load_in_4bit else 'unquantised'} base, LoRA r={s.lora_r} on {adapted} projections, "
         f"checkpointing {plan.checkpointed_layers()}/{shape.layers} layers, {s.optimizer}",
         *([f"  note: per GPU of {s.fsdp_shards} (FSDP): base and adapters sharded"] if s.fsdp_shards > 1 else []),
         *(f"  note: {n}" for n in notes),
