@@ -194,6 +194,7 @@ def memory_choices(recipe, target: Target, shape: ModelShape | None, source: str
     )
     if setting != "auto":
         why = f"gradient checkpointing {setting}: set by performance.gradient_checkpointing"
+        why += f" (no memory plan: model shape unknown, {source})" if target.cuda and shape is None else ""
         return Decision(1 if setting == "on" else 0, why), micro, accum
     if not target.cuda or shape is None or target.free_bytes is None:
         why = "no GPU to plan for" if not target.cuda else f"model shape unknown ({source})"

@@ -160,8 +160,10 @@ def test_unknown_model_is_exit_1_with_the_three_ways_out(tmp_path, capsys, monke
     gpu = GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * GIB, 23 * GIB, (8, 9))
     result = config_fit.run(Context(config=recipe, gpu=GpuReading("injected", "550.54.14", "12.4", [gpu])))
     assert result.status == "warn" and "hf download" in result.fix
-    planned = plan_run(load_recipe(recipe), Target.card(24 * GIB))
-    assert planned.estimate is None and any("model shape unknown" in r for r in planned.reasons())
+    for setting in ("auto", "on"):
+        loaded = load_recipe(recipe, [f"performance.gradient_checkpointing={setting}"])
+        planned = plan_run(loaded, Target.card(24 * GIB))
+        assert planned.estimate is None and any("model shape unknown" in r for r in planned.reasons())
     # with model.shape the same recipe plans
     assert plan.main(["--config", str(write(tmp_path, "someone/private-model-7b", SHAPE_BLOCK))]) == 0
 
