@@ -39,12 +39,16 @@ def resolve_shape(name_or_path: str, declared: dict | None = None) -> tuple[Mode
         return SHAPES[key], f"preset {key}"
     local = Path(name_or_path).expanduser()
     config = local / "config.json" if local.is_dir() else _cached_config(name_or_path)
+    unusable = ""
     if config is not None and config.is_file():
-        return shape_from_config(json.loads(config.read_text(encoding="utf-8")), name_or_path), str(config)
+        try:
+            return shape_from_config(json.loads(config.read_text(encoding="utf-8")), name_or_path), str(config)
+        except (KeyError, ValueError, TypeError) as error:  # a config.json that leaves a field to its class default
+            unusable = f"; {config} has no usable {error}"
     known = builtin(name_or_path)
     if known is not None:
         return shape_from_config(known[1], name_or_path), f"built-in shape of {known[0]}, from its config.json"
-    return None, f"no shape for {name_or_path!r} offline (no local config.json, none cached, not built in)"
+    return None, f"no shape for {name_or_path!r} offline (no local config.json, none cached, not built in{unusable})"
 
 
 def ways_out(name_or_path: str) -> list[str]:

@@ -146,6 +146,9 @@ def test_resolution_order(tmp_path, monkeypatch):
     (local / "config.json").write_text(json.dumps(dict(cached, num_hidden_layers=5)), encoding="utf-8")
     assert resolve_shape(str(local))[0].layers == 5
     assert resolve_shape("mistralai/Mistral-7B-Instruct-v0.1")[0].layers == 32  # not cached: the table
+    (local / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {}}), encoding="utf-8")
+    shape, why = resolve_shape(str(local))
+    assert shape is None and "has no usable 'num_attention_heads'" in why
 
 
 def test_unknown_model_is_exit_1_with_the_three_ways_out(tmp_path, capsys, monkeypatch):
