@@ -10,15 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
+
+from lorabox.env.shapes import ShapeSection
 
 # A model named "bundled:tiny-llama" is built locally by train.tiny_model (no download); the planner treats it as
 # negligible in size.
@@ -47,42 +41,6 @@ Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ShapeSection(Section):
-    """The model's shape for the planner, under config.json's field names (for a model it cannot look up offline)."""
-
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    num_hidden_layers: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_key_value_heads: int | None = Field(None, gt=0, description="absent: as many as num_attention_heads")
-    head_dim: int | None = Field(None, gt=0, description="absent: hidden_size / num_attention_heads")
-    vocab_size: int = Field(gt=0)
-    tie_word_embeddings: bool = False
-    num_local_experts: int | None = Field(None, gt=0, description="mixture of experts: experts per layer")
-    num_experts_per_tok: int | None = Field(None, gt=0, description="mixture of experts: experts each token uses")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ShapeSection:
-        heads, kv = self.num_attention_heads, self.num_key_value_heads or self.num_attention_heads
-        problems = []
-        if self.head_dim is None and self.hidden_size % heads:
-            problems.append(
-                f"num_attention_heads={heads} does not divide hidden_size={self.hidden_size}; "
-                "give head_dim as config.json does"
-            )
-        if heads % kv:
-            problems.append(f"num_key_value_heads={kv} does not divide num_attention_heads={heads}")
-        experts, per_token = self.num_local_experts, self.num_experts_per_tok
-        if (experts is None) != (per_token is None) or (experts and per_token and per_token > experts):
-            problems.append(
-                f"num_local_experts={experts} and num_experts_per_tok={per_token}: a mixture of experts needs "
-                "both, with num_experts_per_tok <= num_local_experts"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
 
 class ModelSection(Section):
