@@ -28,7 +28,9 @@ exit codes: 0 fits (or no card to compare with), 1 does not fit or cannot plan (
 offline; the message gives the three ways out), 2 bad arguments or recipe.
 sizes: GiB/MiB are powers of 1024, GB/MB powers of 1000; a bare number is GiB.
 json: planned_peak_bytes is what the card must have free for the run, device_total_bytes the card's size,
-      device_free_bytes its free memory, budget_bytes the free memory less the reserve (reserve_fraction).
+      device_free_bytes its free memory, budget_bytes the free memory less the reserve (reserve_fraction);
+      model_shape the shape planned for (config.json's names; moe: a mixture of experts), fsdp_processes the GPUs
+      an FSDP plan shards across (null without --fsdp).
 """
 
 
