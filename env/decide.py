@@ -48,7 +48,10 @@ def resolve_shape(name_or_path: str, declared: dict | None = None) -> tuple[Mode
     known = builtin(name_or_path)
     if known is not None:
         return shape_from_config(known[1], name_or_path), f"built-in shape of {known[0]}, from its config.json"
-    return None, f"no shape for {name_or_path!r} offline (no local config.json, none cached, not built in{unusable})"
+    return None, (
+        f"no shape for {name_or_path!r} offline: not a local directory, no config.json for it in the Hugging Face "
+        f"cache, not one of the built-in models (docs/performance.md lists them){unusable}"
+    )
 
 
 def ways_out(name_or_path: str) -> list[str]:
@@ -61,13 +64,10 @@ def ways_out(name_or_path: str) -> list[str]:
     ]
 
 
-def cannot_plan(name_or_path: str) -> str:
-    """Why a model cannot be planned offline and the ways out, as `lorabox plan` prints it."""
+def cannot_plan(name_or_path: str, reason: str) -> str:
+    """Why a model cannot be planned offline (resolve_shape's reason) and the ways out, as `lorabox plan` prints it."""
     steps = "".join(f"\n  {n}. {way}" for n, way in enumerate(ways_out(name_or_path), 1))
-    return (
-        f"cannot plan: {name_or_path!r} is not a local directory, its config.json is not in the Hugging Face cache "
-        f"and it is not one of the built-in models (docs/performance.md lists them). Any one of these fixes it:{steps}"
-    )
+    return f"cannot plan: {reason}. Any one of these fixes it:{steps}"
 
 
 def settings_from_recipe(recipe) -> RunSettings:

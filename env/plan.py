@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox plan") -> int:
         return EXIT_USAGE
     if plan.shape is None:
         # the recipe is fine; only the model's shape is missing offline
-        print(f"{prog}: {cannot_plan(recipe.model.name_or_path)}", file=sys.stderr)
+        print(f"{prog}: {cannot_plan(recipe.model.name_or_path, plan.shape_source)}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     if args.auto and target.free_bytes is None:
         print(f"{prog}: --auto needs a card size: add --gpu-mem 12GiB (no GPU was found here)", file=sys.stderr)
