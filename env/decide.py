@@ -8,9 +8,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from lorabox.env.memory import GIB, KNOWN_IDS, PROJECTIONS, SHAPES, ModelShape, RunSettings, checkpointed_layers
+from lorabox.env.memory import GIB, PROJECTIONS, SHAPES, ModelShape, RunSettings, checkpointed_layers
 from lorabox.env.memory import estimate as estimate_memory
 from lorabox.env.runplan import DTYPE_BYTES, Decision, RunPlan, Target, fits
+from lorabox.env.shapes import builtin, shape_from_config
 
 # flash-attention's varlen kernels need Ampere or newer and a 16-bit compute dtype; so does native bf16 arithmetic
 # (CUDA C++ Programming Guide, "bfloat16 Precision Intrinsics": compute capability 8.0 and above)
@@ -18,21 +19,6 @@ AMPERE = (8, 0)
 # Below this many tokens per micro-batch the GEMMs underfill a GPU, so auto_fit prefers a larger micro-batch over
 # dropping checkpointing (an engineering assumption, not a measurement).
 MIN_TOKENS_PER_MICRO_BATCH = 1024
-
-
-def shape_from_config(config: dict, name: str) -> ModelShape:
-    text = config.get("text_config") or config  # multimodal configs nest the language model
-    heads = int(text["num_attention_heads"])
-    return ModelShape(
-        name=name,
-        hidden=int(text["hidden_size"]),
-        layers=int(text["num_hidden_layers"]),
-        intermediate=int(text["intermediate_size"]),
-        heads=heads,
-        kv_heads=int(text.get("num_key_value_heads") or heads),
-        vocab=int(text["vocab_size"]),
-        tied_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-    )
 
 
 def _cached_config(repo_id: str) -> Path | None:
@@ -43,21 +29,45 @@ def _cached_config(repo_id: str) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_shape(name_or_path: str) -> tuple[ModelShape | None, str]:
-    """The model's shape and where it came from; None with the reason when it cannot be known offline."""
+def resolve_shape(name_or_path: str, declared: dict | None = None) -> tuple[ModelShape | None, str]:
+    """The model's shape and where it came from, first found of: the recipe's model.shape, a local directory's
+    config.json, the Hugging Face cache's, the built-in table; None with a one-line reason when none is there."""
+    if declared:
+        return shape_from_config(declared, name_or_path), "model.shape in the recipe"
     key = name_or_path.lower()
     if key in SHAPES:
         return SHAPES[key], f"preset {key}"
-    if key in KNOWN_IDS:
-        return SHAPES[KNOWN_IDS[key]], f"known shape of {name_or_path}"
     local = Path(name_or_path).expanduser()
     config = local / "config.json" if local.is_dir() else _cached_config(name_or_path)
+    unusable = ""
     if config is not None and config.is_file():
-        return shape_from_config(json.loads(config.read_text(encoding="utf-8")), name_or_path), str(config)
+        try:
+            return shape_from_config(json.loads(config.read_text(encoding="utf-8")), name_or_path), str(config)
+        except (KeyError, ValueError, TypeError) as error:  # a config.json that leaves a field to its class default
+            unusable = f"; {config} has no usable {error}"
+    known = builtin(name_or_path)
+    if known is not None:
+        return shape_from_config(known[1], name_or_path), f"built-in shape of {known[0]}, from its config.json"
     return None, (
-        f"no config.json for {name_or_path!r} (not a local directory, not in the Hugging Face cache, not one of "
-        f"{', '.join(sorted(SHAPES))}); download it once or point model.name_or_path at a local copy"
+        f"no shape for {name_or_path!r} offline: not a local directory, no config.json for it in the Hugging Face "
+        f"cache, not one of the built-in models (docs/performance.md lists them){unusable}"
     )
+
+
+def ways_out(name_or_path: str) -> list[str]:
+    """The three ways to make a model plannable offline."""
+    return [
+        f"fetch only its config once: hf download {name_or_path} config.json",
+        "describe it in the recipe under model.shape, with config.json's field names (hidden_size, "
+        "intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size, ...)",
+        "point model.name_or_path at a local directory that holds its config.json",
+    ]
+
+
+def cannot_plan(name_or_path: str, reason: str) -> str:
+    """Why a model cannot be planned offline (resolve_shape's reason) and the ways out, as `lorabox plan` prints it."""
+    steps = "".join(f"\n  {n}. {way}" for n, way in enumerate(ways_out(name_or_path), 1))
+    return f"cannot plan: {reason}. Any one of these fixes it:{steps}"
 
 
 def settings_from_recipe(recipe) -> RunSettings:
@@ -188,6 +198,7 @@ def memory_choices(recipe, target: Target, shape: ModelShape | None, source: str
     )
     if setting != "auto":
         why = f"gradient checkpointing {setting}: set by performance.gradient_checkpointing"
+        why += f" (no memory plan: model shape unknown, {source})" if target.cuda and shape is None else ""
         return Decision(1 if setting == "on" else 0, why), micro, accum
     if not target.cuda or shape is None or target.free_bytes is None:
         why = "no GPU to plan for" if not target.cuda else f"model shape unknown ({source})"
@@ -218,9 +229,11 @@ def compile_choice(recipe) -> Decision[bool]:
     return Decision(False, f"torch.compile off: {why}")
 
 
-def plan_run(recipe, target: Target, fsdp: bool = False) -> RunPlan:
-    """Every decision for this recipe on this target, in dependency order; ValueError for an impossible dtype."""
-    shape, source = resolve_shape(recipe.model.name_or_path)
+def plan_run(recipe, target: Target, fsdp: bool = False, processes: int = 1) -> RunPlan:
+    """Every decision for this recipe on this target, in dependency order; ValueError for an impossible dtype.
+    Under FSDP the plan is per GPU, the base and the adapters sharded across `processes` GPUs."""
+    declared = recipe.model.shape.model_dump(exclude_none=True) if recipe.model.shape else None
+    shape, source = resolve_shape(recipe.model.name_or_path, declared)
     dtype = dtype_choice(recipe.model.compute_dtype, target)
     adapter = adapter_choice(dtype.value, fsdp)
     attention = attention_choice(recipe, target, dtype.value)
@@ -231,6 +244,7 @@ def plan_run(recipe, target: Target, fsdp: bool = False) -> RunPlan:
         lora_bytes=DTYPE_BYTES[adapter.value],
         attention=attention.value,
         liger=liger.value,
+        fsdp_shards=max(1, processes) if fsdp else 1,
     )
     checkpointing, micro, accum = memory_choices(recipe, target, shape, source, base)
     return RunPlan(

@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-GIB = 1024**3
+from lorabox.env.report import GIB  # the one shared GiB; the planner's modules import it from here
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 LossKernel = Literal["full_logits", "liger_flce", "trl_chunked"]
 
 # bitsandbytes NF4: 4 bits per weight, one absmax per 64-weight block. Without double quant the absmax is fp32
@@ -43,7 +45,7 @@ ALLOCATOR_SLACK = 0.08
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A decoder-only Llama-style model, as config.json describes it."""
+    """A decoder-only model as its config.json describes it (Llama-style layers; Mixtral-style experts optional)."""
 
     name: str
     hidden: int
@@ -53,46 +55,68 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = False
+    head_dim: int | None = None  # config.json's head_dim where it is not hidden / heads (Gemma, Qwen3)
+    experts: int = 0  # num_local_experts of a mixture-of-experts model; 0: dense
+    experts_per_token: int = 0  # num_experts_per_tok: the experts each token is routed through
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_size
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return self.head_size * self.kv_heads
+
+    @property
+    def active_experts(self) -> int:
+        """MLPs a token passes through: 1 for a dense model."""
+        return self.experts_per_token if self.moe else 1
 
     def projection_dims(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer in one decoder layer."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        """(in_features, out_features) of each linear layer in one decoder layer (of one expert, for the MLP)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
         return {
-            "q_proj": (h, h),
+            "q_proj": (h, q),
             "k_proj": (h, kv),
             "v_proj": (h, kv),
-            "o_proj": (h, h),
+            "o_proj": (q, h),
             "gate_proj": (h, i),
             "up_proj": (h, i),
             "down_proj": (i, h),
         }
 
+    def linear_modules(self) -> tuple[str, ...]:
+        """The projections that are nn.Linear modules, which bitsandbytes quantises and LoRA can target.
+        transformers 5 stores a mixture of experts' MLPs as fused 3D parameters (MixtralExperts.gate_up_proj,
+        down_proj): bitsandbytes replaces only nn.Linear, and PEFT's target_modules match modules, so those stay
+        unquantised and without adapters (checked with transformers 5.23, peft 0.21)."""
+        return tuple(p for p in PROJECTIONS if not (self.moe and p in MLP_PROJECTIONS))
+
     def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.projection_dims().values())
+        """Parameters of the quantised nn.Linear projections."""
+        dims = self.projection_dims()
+        return self.layers * sum(dims[p][0] * dims[p][1] for p in self.linear_modules())
+
+    def expert_params(self) -> int:
+        """Parameters of a mixture of experts' fused expert tensors and router, all resident; 0 for a dense model."""
+        return self.layers * self.experts * (3 * self.hidden * self.intermediate + self.hidden)
 
 
-# Shapes from the models' config.json (7B and 8B are the shapes the seed baseline was measured on).
+# Planner presets (7B and 8B are the shapes the seed baseline was measured on); Hub models: env/shapes.py.
 SHAPES: dict[str, ModelShape] = {
     "1b": ModelShape("Llama-3.2-1B", 2048, 16, 8192, 32, 8, 128256, tied_embeddings=True),
     "7b": ModelShape("Llama-2-7B", 4096, 32, 11008, 32, 32, 32016),
     "8b": ModelShape("Llama-3-8B", 4096, 32, 14336, 32, 8, 128256),
     # mirrors train/tiny_model.py SHAPES["tiny-llama"] (tests/perf checks they agree)
     "bundled:tiny-llama": ModelShape("tiny-llama", 128, 2, 256, 4, 2, 1024),
-}
-KNOWN_IDS = {
-    "meta-llama/llama-3.2-1b": "1b",
-    "meta-llama/llama-3.2-1b-instruct": "1b",
-    "meta-llama/llama-2-7b-hf": "7b",
-    "meta-llama/llama-2-7b-chat-hf": "7b",
-    "codellama/codellama-7b-hf": "7b",
-    "meta-llama/meta-llama-3-8b": "8b",
-    "meta-llama/meta-llama-3-8b-instruct": "8b",
-    "meta-llama/llama-3.1-8b": "8b",
-    "meta-llama/llama-3.1-8b-instruct": "8b",
 }
 
 
@@ -119,6 +143,7 @@ class RunSettings:
     loss_kernel: LossKernel = "trl_chunked"  # TRL >= 1.16 SFTTrainer never materialises the logits
     attention_mask: bool = True  # a padding or packing mask makes SDPA expand GQA's k/v to all heads
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    fsdp_shards: int = 1  # FSDP FULL_SHARD across this many GPUs: each holds 1/n of the base and the adapters
 
     @property
     def tokens(self) -> int:
@@ -166,9 +191,9 @@ class Estimate:
 
 def layer_activation_bytes_per_token(shape: ModelShape, s: RunSettings) -> float:
     """Bytes one decoder layer keeps for backward, per token, when it is not checkpointed."""
-    h, i, kv, c = shape.hidden, shape.intermediate, shape.kv_dim, s.compute_bytes
+    h, i, q, kv, c = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, s.compute_bytes
     stream = 4 if s.upcast_non_quantized else c  # residual-stream dtype: bnb returns outputs in the input's dtype
-    targets = set(s.lora_targets)
+    targets = set(s.lora_targets) & set(shape.linear_modules())
     # HF RMSNorm saves its fp32 copy of the input for pow(); Liger's saves the input in its own dtype.
     norm = stream * h if s.liger else 4 * h
 
@@ -183,13 +208,13 @@ def layer_activation_bytes_per_token(shape: ModelShape, s: RunSettings) -> float
 
     # SDPA uses native GQA only without a mask; eager always repeats k/v to all heads; flash-attention never does
     expanded = s.attention == "eager" or (s.attention == "sdpa" and s.attention_mask)
-    kv_saved = 2 * (h if expanded else kv)
+    kv_saved = 2 * (q if expanded else kv)
     attention = (
         lora_inputs(("q_proj", "k_proj", "v_proj"), h)
-        + c * (h + kv_saved)  # q, k after RoPE and v, as the attention kernel saves them
-        + c * h  # attention output
+        + c * (q + kv_saved)  # q, k after RoPE and v, as the attention kernel saves them
+        + c * q  # attention output
         + 4 * shape.heads  # the fused kernels' logsumexp
-        + (lora_inputs(("o_proj",), h) if "o_proj" in targets else 0)
+        + (lora_inputs(("o_proj",), q) if "o_proj" in targets else 0)
     )
     if s.attention == "eager":
         # eager materialises the scores: softmax's fp32 output and its compute-dtype copy, heads x seq per token
@@ -198,13 +223,18 @@ def layer_activation_bytes_per_token(shape: ModelShape, s: RunSettings) -> float
     # SwiGLU saves gate and up only.
     mlp = lora_inputs(("gate_proj", "up_proj"), h) + (2 if s.liger else 3) * stream * i
     mlp += lora_inputs(("down_proj",), i) if "down_proj" in targets else 0
-    lora_b_inputs = len(targets & set(PROJECTIONS)) * s.lora_r * c  # lora_B saves lora_A's output
+    if shape.moe:
+        # each token runs through its top-k experts, each keeping the MLP's tensors for its share of the tokens, plus
+        # the token's hidden state gathered per expert and the router's fp32 logits
+        mlp = shape.active_experts * (mlp + stream * h) + 4 * shape.experts
+    lora_b_inputs = len(targets) * s.lora_r * c  # lora_B saves lora_A's output
     return 2 * norm + attention + mlp + lora_b_inputs
 
 
 def lora_params(shape: ModelShape, s: RunSettings) -> int:
     dims = shape.projection_dims()
-    return shape.layers * sum(s.lora_r * (dims[p][0] + dims[p][1]) for p in s.lora_targets if p in dims)
+    modules = shape.linear_modules()
+    return shape.layers * sum(s.lora_r * (dims[p][0] + dims[p][1]) for p in s.lora_targets if p in modules)
 
 
 def estimate(shape: ModelShape, s: RunSettings) -> Estimate:
@@ -214,20 +244,29 @@ def estimate(shape: ModelShape, s: RunSettings) -> Estimate:
     plain_bytes = 4 if s.upcast_non_quantized else c
     out: dict[str, int] = {}
 
-    n_linear = shape.linear_params()
+    n_linear, shards = shape.linear_params(), max(1, s.fsdp_shards)
+    weights = n_linear * NF4_BYTES if s.load_in_4bit else n_linear * c
+    out["base weights (NF4)" if s.load_in_4bit else "base weights"] = int(weights / shards)
+    if shards > 1:
+        # FULL_SHARD with one FSDP unit per decoder layer: a GPU gathers the whole layer it computes and, with
+        # backward prefetch, the next one
+        out["FSDP gathered layers"] = int(2 * weights / shape.layers)
     if s.load_in_4bit:
-        out["base weights (NF4)"] = int(n_linear * NF4_BYTES)
+        # the quantisation state sits outside FSDP's flat parameters, so every GPU keeps all of it
         out["quantisation constants"] = int(n_linear * QUANT_CONSTANT_BYTES[s.double_quant])
-    else:
-        out["base weights"] = n_linear * c
     n_plain = shape.vocab * h * (1 if shape.tied_embeddings else 2) + (2 * shape.layers + 1) * h
+    # the root FSDP unit (embeddings, lm_head, final norm) stays gathered for the whole step
     out["embeddings, lm_head, norms"] = n_plain * plain_bytes
+    if shape.moe:
+        # unquantised like the embeddings (so fp32 after prepare_model_for_kbit_training), sharded under FSDP
+        out["MoE experts + router (unquantised)"] = shape.expert_params() * plain_bytes // shards
 
     n_lora = lora_params(shape, s)
     state = OPTIMIZER_STATE_BYTES.get(s.optimizer, 8.0)
     state = 2 * s.lora_bytes if state == "param" else state
-    out["LoRA params + grads"] = n_lora * 2 * s.lora_bytes
-    out["optimizer state"] = int(n_lora * state)
+    # under FSDP the adapters are flattened with their layer's weights and sharded like them
+    out["LoRA params + grads"] = n_lora * 2 * s.lora_bytes // shards
+    out["optimizer state"] = int(n_lora * state / shards)
 
     a_layer = layer_activation_bytes_per_token(shape, s) * t
     k = checkpointed_layers(shape, s.checkpoint_every)

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorabox.env.decide import plan_run
+from lorabox.env.decide import cannot_plan, plan_run
 from lorabox.env.memory import GIB
 from lorabox.env.runplan import DEFAULT_MARGIN, RunPlan, Target
 
-EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_USAGE = 0, 1, 2
+EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_USAGE = 0, 1, 2  # a model it cannot plan offline is EXIT_DOES_NOT_FIT too
 SHORTEST_SEQUENCE = 128  # advice never shortens sequences below this many tokens
 
 EXAMPLES = """\
@@ -22,11 +22,15 @@ examples:
   lorabox plan --config my.yaml --gpu-mem 12GiB          # will it fit an RTX 3060 12 GB?
   lorabox plan --config my.yaml --gpu-mem 24GiB --auto   # fastest micro-batch/checkpointing that fits 24 GiB
   lorabox plan --config my.yaml --set training.micro_batch_size=8 --json
+  lorabox plan --config my.yaml --gpu-mem 80GiB --fsdp 2 # per GPU, FSDP across 2 GPUs (fsdp-qlora launcher)
 
-exit codes: 0 fits (or no card to compare with), 1 does not fit, 2 bad arguments or recipe.
+exit codes: 0 fits (or no card to compare with), 1 does not fit or cannot plan (the model's shape is unknown
+offline; the message gives the three ways out), 2 bad arguments or recipe.
 sizes: GiB/MiB are powers of 1024, GB/MB powers of 1000; a bare number is GiB.
 json: planned_peak_bytes is what the card must have free for the run, device_total_bytes the card's size,
-      device_free_bytes its free memory, budget_bytes the free memory less the reserve (reserve_fraction).
+      device_free_bytes its free memory, budget_bytes the free memory less the reserve (reserve_fraction);
+      model_shape the shape planned for (config.json's names; moe: a mixture of experts), fsdp_processes the GPUs
+      an FSDP plan shards across (null without --fsdp).
 """
 
 
@@ -70,14 +74,14 @@ def _candidates(recipe):
         length //= 2
 
 
-def advise(recipe, target: Target) -> tuple[list[str], RunPlan] | None:
+def advise(recipe, target: Target, fsdp_processes: int = 0) -> tuple[list[str], RunPlan] | None:
     """The first combination of `--set` changes whose re-plan fits the target (None when none does)."""
     current = recipe.to_dict()
     for changes in _candidates(recipe):
         changed = {k: v for k, v in changes.items() if current[k.split(".")[0]][k.split(".")[1]] != v}
         if not changed:
             continue
-        trial = plan_run(with_changes(recipe, changed), target)
+        trial = plan_run(with_changes(recipe, changed), target, fsdp_processes > 0, fsdp_processes)
         if trial.fits:
             sets = [
                 f"--set {key}={'true' if v is True else 'false' if v is False else v}" for key, v in changed.items()
@@ -97,14 +101,37 @@ def advice_text(recipe, target: Target, found: tuple[list[str], RunPlan] | None)
     return f"this fits ({trial.estimate.planned_peak / GIB:.2f} GiB needed): {' '.join(sets)}"
 
 
+def shape_fields(shape) -> dict[str, Any]:
+    """The shape under config.json's field names, with moe: whether all experts' weights are resident."""
+    return {
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_size,
+        "vocab_size": shape.vocab,
+        "tie_word_embeddings": shape.tied_embeddings,
+        "num_local_experts": shape.experts or None,
+        "num_experts_per_tok": shape.experts_per_token or None,
+        "moe": shape.moe,
+    }
+
+
 def render(plan: RunPlan, notes: list[str], advice: str | None) -> str:
     est, shape, s = plan.estimate, plan.shape, plan.memory
+    head = f" x {shape.head_size}" if shape.head_dim else ""
+    moe = f", MoE: {shape.experts} experts, {shape.experts_per_token} per token" if shape.moe else ""
+    adapted = len([p for p in s.lora_targets if p in shape.linear_modules()])
+    if adapted < len(s.lora_targets):
+        notes = [*notes, "the experts are fused 3D tensors: not quantised to 4 bits, no LoRA adapters"]
     lines = [
         f"model {shape.name} ({plan.shape_source}): hidden {shape.hidden}, {shape.layers} layers, "
-        f"MLP {shape.intermediate}, heads {shape.heads}/{shape.kv_heads} kv, vocab {shape.vocab}",
+        f"MLP {shape.intermediate}, heads {shape.heads}/{shape.kv_heads} kv{head}, vocab {shape.vocab}{moe}",
         f"run: micro-batch {s.micro_batch} x {s.seq_len} tokens (accumulation {s.grad_accum}), "
-        f"{'NF4' if s.load_in_4bit else 'unquantised'} base, LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
+        f"{'NF4' if s.load_in_4bit else 'unquantised'} base, LoRA r={s.lora_r} on {adapted} projections, "
         f"checkpointing {plan.checkpointed_layers()}/{shape.layers} layers, {s.optimizer}",
+        *([f"  note: per GPU of {s.fsdp_shards} (FSDP): base and adapters sharded"] if s.fsdp_shards > 1 else []),
         *(f"  note: {n}" for n in notes),
         *(f"  - {reason}" for reason in plan.reasons() if not reason.startswith("memory plan:")),
         "",
@@ -158,6 +185,13 @@ def main(argv: list[str] | None = None, prog: str = "lorabox plan") -> int:
         help="let the planner pick micro-batch and checkpointing "
         "(= --set performance.auto_fit=true --set performance.gradient_checkpointing=auto)",
     )
+    parser.add_argument(
+        "--fsdp",
+        type=int,
+        default=0,
+        metavar="N",
+        help="plan one GPU of an FSDP run across N GPUs (train/accelerate/fsdp-qlora.yaml): base and adapters sharded",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
@@ -168,17 +202,20 @@ def main(argv: list[str] | None = None, prog: str = "lorabox plan") -> int:
     try:
         recipe = load_recipe(args.config, [*args.overrides, *auto])
         target = target_for(args.gpu_mem, notes)
-        plan = plan_run(recipe, target)
+        if args.fsdp < 0 or args.fsdp == 1:
+            raise ValueError(f"--fsdp {args.fsdp}: give the number of GPUs the run shards across (2 or more)")
+        plan = plan_run(recipe, target, args.fsdp > 1, args.fsdp)
     except (RecipeError, ValueError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EXIT_USAGE
     if plan.shape is None:
-        print(f"{prog}: cannot plan: {plan.shape_source}", file=sys.stderr)
-        return EXIT_USAGE
+        # the recipe is fine; only the model's shape is missing offline
+        print(f"{prog}: {cannot_plan(recipe.model.name_or_path, plan.shape_source)}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     if args.auto and target.free_bytes is None:
         print(f"{prog}: --auto needs a card size: add --gpu-mem 12GiB (no GPU was found here)", file=sys.stderr)
         return EXIT_USAGE
-    advice = advice_text(recipe, target, advise(recipe, target)) if plan.fits is False else None
+    advice = advice_text(recipe, target, advise(recipe, target, args.fsdp)) if plan.fits is False else None
     if args.json:
         est = plan.estimate
         body = {
@@ -187,6 +224,8 @@ def main(argv: list[str] | None = None, prog: str = "lorabox plan") -> int:
             "components_bytes": dict(est.components),
             "peak_phase": est.phase,
             "reasons": plan.reasons(),
+            "model_shape": shape_fields(plan.shape),
+            "fsdp_processes": plan.memory.fsdp_shards if plan.memory.fsdp_shards > 1 else None,
             "advice": advice,
             "notes": notes,
         }

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
+
+from lorabox.env.shapes import ShapeSection
 
 # A model named "bundled:tiny-llama" is built locally by train.tiny_model (no download); the planner treats it as
 # negligible in size.
@@ -50,10 +52,19 @@ class ModelSection(Section):
     double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param saved)")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 if supported")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    shape: ShapeSection | None = Field(None, description="the model's config.json shape, for planning it offline")
 
     @property
     def is_bundled(self) -> bool:
         return self.name_or_path.startswith(BUNDLED_MODEL_PREFIX)
+
+    @model_serializer(mode="wrap")
+    def _unset_shape_unwritten(self, handler):
+        # a recipe without model.shape saves as before the key existed, so earlier run directories still match
+        data = handler(self)
+        if data.get("shape") is None:
+            data.pop("shape", None)
+        return data
 
     @model_validator(mode="after")
     def _remote_code_needs_pin(self) -> ModelSection:

@@ -106,7 +106,8 @@ def plan_here(recipe: Recipe) -> RunPlan:
 
     why = f"torch {torch.__version__} cannot use the GPU (CPU build or CUDA unavailable)"
     target = Target.from_reading(read_gpus(), torch.cuda.is_available(), why)
-    return plan_run(recipe, target, fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return plan_run(recipe, target, fsdp, int(os.environ.get("WORLD_SIZE", "1")))  # FSDP: per GPU, sharded
 
 
 def load_model(recipe: Recipe, plan: RunPlan, name: str):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorabox.env.decide import plan_run
+from lorabox.env.decide import plan_run, ways_out
 from lorabox.env.memory import GIB
 from lorabox.env.plan import advice_text, advise
 from lorabox.env.runplan import DEFAULT_MARGIN, Target
@@ -28,7 +28,9 @@ def run(ctx: Context) -> CheckResult:
         )
     est = plan.estimate
     if est is None:
-        return CheckResult(ID, TITLE, "warn", f"cannot estimate memory: {plan.shape_source}", fix=None)
+        # the recipe may be fine: only the model's shape is unknown offline, so training still runs (unplanned)
+        fix = "; or ".join(ways_out(recipe.model.name_or_path))
+        return CheckResult(ID, TITLE, "warn", f"cannot plan memory: {plan.shape_source}", fix=fix)
     values = {
         "model": plan.shape.name,
         "shape_source": plan.shape_source,
