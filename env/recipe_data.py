@@ -56,6 +56,8 @@ class DataSection(_Strict):
             raise ValueError("give exactly one of data.train_file (a JSONL file) or data.sources (a list of datasets)")
         if self.eval_file is not None and self.eval_sources is not None:
             raise ValueError("give at most one of data.eval_file or data.eval_sources")
+        if self.eval_sources is not None and self.sources is None:
+            raise ValueError("data.eval_sources goes with data.sources; with data.train_file use data.eval_file")
         return self
 
 

@@ -94,8 +94,9 @@ def preflight(recipe: Recipe, run_dir: Path, allow_change: bool, take_lock: bool
     from lorabox.train import identity, rundir
 
     train_data, eval_data = validate_data(recipe)
-    keys = ("data.sources", "data.eval_sources") if recipe.data.sources else ("data.train_file", "data.eval_file")
-    hashes = {keys[0]: train_data.sha256()} | ({keys[1]: eval_data.sha256()} if eval_data else {})
+    pairs = [("data.train_file", train_data), ("data.eval_file", eval_data)]
+    # rows from `datasets` sources carry their recipe key (data.sources, …) as their path
+    hashes = {str(d.path) if recipe.data.sources else key: d.sha256() for key, d in pairs if d}
     for line in rundir.prepare(recipe, run_dir, take_lock):
         say(line)
     for line in identity.compare(recipe, run_dir, hashes, allow_change):

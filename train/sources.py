@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabox.env.recipe_data import DataSection, DataSource, is_template_file
-from lorabox.train.data import DataError, DataSet, parse_jsonl, validate_rows
+from lorabox.train.data import DataError, DataSet, parse_jsonl, read_jsonl, validate_rows
 
 FILE_KINDS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}  # `datasets` packaged loaders by suffix
 # ShareGPT names the speakers human/gpt; lorabox's chat shape (like OpenAI's) names them user/assistant.
@@ -204,6 +204,7 @@ def load_sources(data: DataSection, seed: int) -> tuple[DataSet, DataSet | None,
     rng = random.Random(seed)  # the mix follows training.seed: same recipe, same rows, same order
     parts = [load_source(s, f"data.sources[{i}]", data.format) for i, s in enumerate(data.sources or [])]
     evals = [load_source(s, f"data.eval_sources[{i}]", data.format) for i, s in enumerate(data.eval_sources or [])]
+    evals += [read_jsonl(data.eval_file, data.format, "data.eval_file")] if data.eval_file else []
     shape = _one_shape(parts + evals, "data.sources")
     report = [
         f"{p.path}: {len(p.rows)} {p.shape} rows" + (f", {len(p.skipped)} skipped" if p.skipped else "")
@@ -228,7 +229,8 @@ def load_sources(data: DataSection, seed: int) -> tuple[DataSet, DataSet | None,
     skipped = [line for part in parts + evals for line in part.skipped]
     train = DataSet(Path("data.sources"), shape, rows, skipped, _digest(rows))
     eval_rows = [row for part in evals for row in part.rows] or held
-    evaluation = DataSet(Path("data.eval_sources"), shape, eval_rows, [], _digest(eval_rows)) if eval_rows else None
+    label = "data.eval_file" if data.eval_file else "data.eval_sources" if evals else "data.sources (held out)"
+    evaluation = DataSet(Path(label), shape, eval_rows, [], _digest(eval_rows)) if eval_rows else None
     return train, evaluation, report
 
 

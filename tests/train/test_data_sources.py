@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -11,8 +12,10 @@ import yaml
 
 from lorabox.env.recipe import RecipeError, load_recipe
 from lorabox.env.recipe_data import DataSource
+from lorabox.train import tiny_model
 from lorabox.train.data import DataError
-from lorabox.train.sources import load_source, load_sources
+from lorabox.train.sources import chat_template, load_source, load_sources, use_chat_template
+from tests.train.conftest import REPO
 
 QA = [{"question": f"What is {n} plus {n}?", "answer": f"{n} plus {n} is {2 * n}.", "id": n} for n in range(10)]
 CHATS = [
@@ -69,6 +72,15 @@ def test_jsonl_source_keeps_file_and_line(tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Hi?", "a": "Hello."}, {"q": "Bye?", "a": 7}])
     with pytest.raises(DataError, match=r"qa\.jsonl:2: field 'output' is int, expected a string"):
         load_source(DataSource(path=path, columns={"instruction": "q", "output": "a"}), "data.sources[0]", "auto")
+
+
+def test_sources_evaluate_on_an_eval_file(tmp_path, write_jsonl):
+    write_sources(tmp_path)
+    write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "What is 1 plus 1?", "output": "2."}])
+    data = {"sources": [{"path": "chats"}], "eval_file": "eval.jsonl"}
+    train, evaluation, _ = load_sources(recipe_with(tmp_path, data).data, seed=0)
+    assert len(train.rows) == 6 and str(evaluation.path) == "data.eval_file"  # nothing held out of the sources
+    assert evaluation.rows[0]["messages"][1] == {"role": "assistant", "content": "2."}  # joins the chat shape
 
 
 def test_bad_rows_are_located_by_dataset_split_and_row(tmp_path):
@@ -128,6 +140,8 @@ def test_recipe_rules_for_sources(tmp_path):
         RecipeError, match=r"data: give exactly one of data.train_file \(a JSONL file\) or data.sources"
     ):
         recipe_with(tmp_path, both)
+    with pytest.raises(RecipeError, match=r"data.eval_sources goes with data.sources; with data.train_file use"):
+        recipe_with(tmp_path, {"train_file": "a.jsonl", "eval_sources": [{"path": "a"}]})
     with pytest.raises(RecipeError) as caught:
         recipe_with(tmp_path, {"sources": [{"path": "a", "colums": {}}, {"hub": "a/b", "path": "c"}]})
     message = str(caught.value)
@@ -136,6 +150,29 @@ def test_recipe_rules_for_sources(tmp_path):
     write_sources(tmp_path)
     with pytest.raises(DataError, match="give every source a weight, or none"):
         load_sources(recipe_with(tmp_path, {"sources": [{"path": "chats", "weight": 2}, {"path": "chats"}]}).data, 0)
+
+
+def test_every_recipe_example_in_the_data_docs_is_a_valid_recipe(tmp_path):
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "data.md").read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) >= 7
+    for block in blocks:
+        body = {"model": {"name_or_path": "bundled:tiny-llama"}, **yaml.safe_load(block)}
+        (tmp_path / "doc.yaml").write_text(yaml.safe_dump(body), encoding="utf-8")
+        load_recipe(tmp_path / "doc.yaml")
+
+
+def test_chat_template_override_is_checked_and_applied(tmp_path, model_cache):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.resolve("bundled:tiny-llama"))
+    data = recipe_with(tmp_path, {"train_file": "a.jsonl", "chat_template": TEMPLATE}).data
+    assert use_chat_template(tokenizer, data) and tokenizer.chat_template == TEMPLATE
+    broken = recipe_with(tmp_path, {"train_file": "a.jsonl", "chat_template": "{% for m in messages %}x"}).data
+    with pytest.raises(DataError, match=r"data.chat_template: line 1: .*fix the Jinja template"):
+        use_chat_template(tokenizer, broken)
+    missing = recipe_with(tmp_path, {"train_file": "a.jsonl", "chat_template": "gone.jinja"}).data
+    with pytest.raises(DataError, match=r"gone\.jinja: No such file or directory"):
+        chat_template(missing)
 
 
 def fake_hub_cache(hf_home: Path) -> None:
@@ -200,6 +237,6 @@ def test_train_on_a_weighted_mix_with_its_own_chat_template(tmp_path, monkeypatc
     ):
         assert line in output, output[-3000:]
     provenance = json.loads((run_dir / "provenance.json").read_text(encoding="utf-8"))
-    assert set(provenance["dataset_hashes"]) == {"data.sources", "data.eval_sources"}
+    assert set(provenance["dataset_hashes"]) == {"data.sources", "data.sources (held out)"}
     saved = "".join(p.read_text(encoding="utf-8") for p in (run_dir / "adapter").glob("*.j*"))
     assert "m['role'] }}: {{ m['content'] }}" in saved  # the adapter's tokenizer carries the recipe's template
