@@ -139,17 +139,14 @@ def _row(row: Any, mapping: dict[str, str], sharegpt: bool) -> Any:
     # Arrow fills a column missing from some rows with None: an absent optional field, not a wrong type.
     out = {name: row[mapping.get(name, name)] for name in ROW_FIELDS if row.get(mapping.get(name, name)) is not None}
     if isinstance(out.get("messages"), list):
-        role, content = mapping.get("role", "role"), mapping.get("content", "content")
-        out["messages"] = [
-            {
-                "role": SHAREGPT_ROLES.get(m.get(role), m.get(role)) if sharegpt else m.get(role),
-                "content": m.get(content),
-            }
-            if isinstance(m, dict)
-            else m
-            for m in out["messages"]
-        ]
+        out["messages"] = [_message(m, mapping, sharegpt) if isinstance(m, dict) else m for m in out["messages"]]
     return out
+
+
+def _message(message: dict[str, Any], mapping: dict[str, str], sharegpt: bool) -> dict[str, Any]:
+    # Some ShareGPT-style sets say role/content inside `conversations`: those count when the mapped key is absent.
+    role, content = (message.get(mapping.get(k, k), message.get(k)) for k in ("role", "content"))
+    return {"role": SHAREGPT_ROLES.get(role, role) if sharegpt and isinstance(role, str) else role, "content": content}
 
 
 def load_source(source: DataSource, key: str, shape: str) -> DataSet:
