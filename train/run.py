@@ -97,6 +97,8 @@ def preflight(recipe: Recipe, run_dir: Path, allow_change: bool, take_lock: bool
     pairs = [("data.train_file", train_data), ("data.eval_file", eval_data)]
     # rows from `datasets` sources carry their recipe key (data.sources, …) as their path
     hashes = {str(d.path) if recipe.data.sources else key: d.sha256() for key, d in pairs if d}
+    if template := chat_template(recipe.data):  # a .jinja file's content, not only its name, defines the run
+        hashes["data.chat_template"] = hashlib.sha256(template.encode()).hexdigest()
     for line in rundir.prepare(recipe, run_dir, take_lock):
         say(line)
     for line in identity.compare(recipe, run_dir, hashes, allow_change):

@@ -240,3 +240,7 @@ def test_train_on_a_weighted_mix_with_its_own_chat_template(tmp_path, monkeypatc
     assert set(provenance["dataset_hashes"]) == {"data.sources", "data.sources (held out)"}
     saved = "".join(p.read_text(encoding="utf-8") for p in (run_dir / "adapter").glob("*.j*"))
     assert "m['role'] }}: {{ m['content'] }}" in saved  # the adapter's tokenizer carries the recipe's template
+    (tmp_path / "plain.jinja").write_text(TEMPLATE.replace(": ", " said: "), encoding="utf-8")
+    again = cli("lorabox.train.cli", "train", "--config", str(recipe), "--run-dir", str(run_dir))
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "data.chat_template (sha256 of content)" in again.stderr  # a changed template is another run
