@@ -7,12 +7,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from lorabox.env.shapes import ShapeSection
+
+from lorabox.env.recipe_data import DataSection, resolve_data_paths
 
 # A model named "bundled:tiny-llama" is built locally by train.tiny_model (no download); the planner treats it as
 # negligible in size.
@@ -84,17 +86,6 @@ class LoraSection(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
 
 
-class DataSection(Section):
-    train_file: Path = Field(description="JSONL; relative paths are relative to the recipe file")
-    eval_file: Path | None = Field(None, description="JSONL; when absent, eval_fraction of train_file is held out")
-    format: Literal["auto", "instruction", "chat", "text"] = "auto"
-    eval_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="0 disables evaluation when eval_file is unset")
-    max_seq_len: int = Field(2048, ge=16)
-    overlong: Literal["truncate", "drop"] = Field("truncate", description="what to do with samples over max_seq_len")
-    completion_only: bool = Field(True, description="loss on responses only (instruction and chat data)")
-    packing: bool = Field(False, description="pack samples into max_seq_len rows (TRL's packing)")
-
-
 class TrainingSection(Section):
     micro_batch_size: int = Field(4, ge=1, description="samples per device per step")
     gradient_accumulation: int = Field(4, ge=1, description="effective batch = micro_batch x this x devices")
@@ -136,7 +127,7 @@ class Recipe(Section):
     preset: list[str] = Field(default_factory=list, description="presets applied under this file, in order")
     model: ModelSection = Field(description="the base model; model.name_or_path is required")
     lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSection = Field(description="training data; data.train_file is required")
+    data: DataSection = Field(description="training data: data.train_file or data.sources")
     training: TrainingSection = Field(default_factory=TrainingSection)
     performance: PerformanceSection = Field(default_factory=PerformanceSection)
     resilience: ResilienceSection = Field(default_factory=ResilienceSection)
@@ -241,6 +232,8 @@ def _fields_of(loc: tuple[Any, ...]) -> dict[str, Any]:
     for part in loc:
         annotation = model.model_fields.get(str(part))
         kind = getattr(annotation, "annotation", None)
+        if get_args(kind):  # `list[DataSource] | None`: the model is inside the list
+            kind = next((a for a in get_args(get_args(kind)[0]) if isinstance(a, type)), kind)
         if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
             break
         model = kind
@@ -275,7 +268,9 @@ def _describe(errors: list[dict[str, Any]]) -> list[str]:
     for error in errors:
         # pydantic adds the union member ("list[str]", "literal['all-linear']") to the location: drop it.
         loc = tuple(str(p) for p in error["loc"] if isinstance(p, str) and "[" not in p)
-        where = ".".join(loc) or "recipe"
+        # a list item shows its index: data.sources[1].columns
+        parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"] if isinstance(p, int) or p in loc]
+        where = "".join(parts).removeprefix(".") or "recipe"
         if error["type"] == "extra_forbidden":
             known = ", ".join(_fields_of(loc[:-1]))
             text = f"unknown key{_did_you_mean(loc)} (known here: {known})"
@@ -313,9 +308,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make the file's relative data paths (and ./ model paths) relative to the recipe file, not the cwd."""
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("train_file", "eval_file"):
-            if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
-                section[key] = str((base / section[key]).resolve())
+        resolve_data_paths(section, base)
     model = data.get("model")
     name = model.get("name_or_path") if isinstance(model, dict) else None
     if isinstance(name, str) and name.startswith(("./", "../")):

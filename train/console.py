@@ -98,11 +98,13 @@ def changed_settings(current: dict[str, Any], defaults: dict[str, Any], prefix: 
 
 def recipe_summary(recipe) -> str:
     """The recipe in one line: only what differs from the defaults (the full resolved recipe is config.yaml)."""
-    required = {"model": {"name_or_path": recipe.model.name_or_path}, "data": {"train_file": recipe.data.train_file}}
+    data = recipe.data.model_dump(include={"train_file", "sources"}, exclude_none=True)
+    required = {"model": {"name_or_path": recipe.model.name_or_path}, "data": data}
     defaults = type(recipe).model_validate(required).to_dict()
     # output_dir is left out: the line already names the run directory, where the recipe's own output_dir is moot
     changed = [line for line in changed_settings(recipe.to_dict(), defaults) if not line.startswith("output_dir=")]
-    return ", ".join([f"model {recipe.model.name_or_path}", f"data {recipe.data.train_file}", *changed])
+    shown = recipe.data.train_file or f"{len(recipe.data.sources)} sources"
+    return ", ".join([f"model {recipe.model.name_or_path}", f"data {shown}", *changed])
 
 
 def _number(value: Any) -> str:

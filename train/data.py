@@ -23,15 +23,17 @@ class DataError(Exception):
 
 @dataclass
 class DataSet:
-    """Validated rows of one file, in its shape, plus what validation dropped."""
+    """Validated rows of one file (or, with `digest`, of the datasets named by the recipe key in `path`), in its
+    shape, plus what validation dropped."""
 
     path: Path
     shape: str
     rows: list[dict[str, Any]]
     skipped: list[str] = field(default_factory=list)
+    digest: str | None = None  # rows that come from several datasets have no one file to hash
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return self.digest or hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 
 def detect_shape(row: dict[str, Any]) -> str | None:
@@ -107,55 +109,70 @@ def _expected_object(shape: str) -> str:
     return "expected an object in one of the shapes: " + "; ".join(f"{name} {ex}" for name, ex in SHAPES.items())
 
 
-def read_jsonl(path: Path, shape: str = "auto", key: str = "data.train_file") -> DataSet:
-    """Validate every line; raise DataError listing each broken line as `file:line: what; expected`.
-    `key` is the recipe key that named the file, so the message says which one to fix."""
+def parse_jsonl(path: Path, key: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(`file:line`, parsed value) for every non-blank line, and one problem per line that is not JSON."""
     lines = _lines(path, key)
     if not any(line.strip() for _, line in lines):
         raise DataError(f"{path}: the file is empty; expected one JSON object per line, e.g. {SHAPES['instruction']}")
+    records: list[tuple[str, Any]] = []
     problems: list[str] = []
-    rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
     for number, line in lines:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            records.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as error:
             problems.append(
                 f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); expected one object per line"
             )
-            continue
+    return records, problems
+
+
+def _listed(problems: list[str], indent: str = "") -> str:
+    more = f"\n{indent}… and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return "\n".join(indent + line for line in problems[:MAX_LISTED]) + more
+
+
+def validate_rows(name: str, records: list[tuple[str, Any]], shape: str, problems: list[str]) -> DataSet:
+    """Check each (location, row); raise DataError listing every `location: what; expected`. `name` is the file or
+    dataset the rows came from, `problems` those already found while reading it."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for where, row in records:
         if not isinstance(row, dict):
             kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
-            problems.append(f"{path}:{number}: a JSON {kind}, not an object; {_expected_object(shape)}")
+            problems.append(f"{where}: a JSON {kind}, not an object; {_expected_object(shape)}")
             continue
         if shape == "auto":
             shape = detect_shape(row) or "auto"
             if shape == "auto":
                 problems.append(
-                    f"{path}:{number}: keys {sorted(row)} match no data shape; expected one of: "
-                    + "; ".join(f"{name} {example}" for name, example in SHAPES.items())
+                    f"{where}: keys {sorted(row)} match no data shape; expected one of: "
+                    + "; ".join(f"{kind} {example}" for kind, example in SHAPES.items())
                 )
                 break
         problem, skip = _check_row(row, shape)
         if problem:
-            problems.append(f"{path}:{number}: {problem}")
+            problems.append(f"{where}: {problem}")
         elif skip:
-            skipped.append(f"{path}:{number}: {skip}")
+            skipped.append(f"{where}: {skip}")
         else:
             rows.append(row)
     if problems:
-        more = f"\n… and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError("\n".join(problems[:MAX_LISTED]) + more)
+        raise DataError(_listed(problems))
     if not rows:
-        listed = "\n".join(f"  {line}" for line in skipped[:MAX_LISTED])
-        more = f"\n  … and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
         raise DataError(
-            f"{path}: no usable rows: all {len(skipped)} were filtered out; "
-            f"expected at least one {shape} row with content:\n{listed}{more}"
+            f"{name}: no usable rows: all {len(skipped)} were filtered out; "
+            f"expected at least one {shape} row with content:\n{_listed(skipped, '  ')}"
         )
-    return DataSet(path, shape, rows, skipped)
+    return DataSet(Path(name), shape, rows, skipped)
+
+
+def read_jsonl(path: Path, shape: str = "auto", key: str = "data.train_file") -> DataSet:
+    """Validate every line; raise DataError listing each broken line as `file:line: what; expected`.
+    `key` is the recipe key that named the file, so the message says which one to fix."""
+    records, problems = parse_jsonl(path, key)
+    return validate_rows(str(path), records, shape, problems)
 
 
 def to_trl_rows(data: DataSet, tokenizer, completion_only: bool) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
@@ -186,7 +203,7 @@ def to_trl_rows(data: DataSet, tokenizer, completion_only: bool) -> tuple[list[d
     if not tokenizer.chat_template:
         raise DataError(
             f"{data.path}: chat data needs a chat template, and this model's tokenizer has none; "
-            "use an instruct/chat model, or convert the file to the instruction or text shape"
+            "set data.chat_template, use an instruct/chat model, or convert the data to the instruction or text shape"
         )
     if not completion_only:
         return [{"messages": r["messages"]} for r in data.rows], {}, "chat data; loss on every turn"
@@ -258,7 +275,7 @@ def build_datasets(recipe, train: DataSet, evaluation: DataSet | None, tokenizer
         )
         report.append(line)
         eval_dataset = Dataset.from_list(eval_rows)
-    elif data.eval_fraction > 0 and len(rows) >= 2:
+    elif data.eval_fraction > 0 and data.sources is None and len(rows) >= 2:  # sources hold out their own
         split = train_dataset.train_test_split(test_size=data.eval_fraction, seed=recipe.training.seed)
         train_dataset, eval_dataset = split["train"], split["test"]
         report.append(f"held out {len(eval_dataset)} of {len(rows)} rows for evaluation (data.eval_fraction)")

@@ -20,6 +20,7 @@ from lorabox.env.runplan import RunPlan
 from lorabox.train import console
 from lorabox.train.console import is_main_process, say
 from lorabox.train.data import DataError, DataSet, read_jsonl
+from lorabox.train.sources import chat_template, load_sources
 
 EXAMPLES = """\
 examples (usually started for you by `lorabox train`, which picks the accelerate config):
@@ -69,6 +70,12 @@ class Setup:
 
 
 def validate_data(recipe: Recipe) -> tuple[DataSet, DataSet | None]:
+    chat_template(recipe.data)  # a missing .jinja file is found now, not after the model has loaded
+    if recipe.data.sources:  # `datasets` sources: read, mapped, checked and mixed there
+        train, evaluation, report = load_sources(recipe.data, recipe.training.seed)
+        for line in report + [f"  skipped {line}" for line in train.skipped[:5]]:
+            say(line)
+        return train, evaluation
     train = read_jsonl(recipe.data.train_file, recipe.data.format)
     evaluation = read_jsonl(recipe.data.eval_file, train.shape, "data.eval_file") if recipe.data.eval_file else None
     for data in filter(None, (train, evaluation)):
@@ -87,7 +94,11 @@ def preflight(recipe: Recipe, run_dir: Path, allow_change: bool, take_lock: bool
     from lorabox.train import identity, rundir
 
     train_data, eval_data = validate_data(recipe)
-    hashes = {"data.train_file": train_data.sha256()} | ({"data.eval_file": eval_data.sha256()} if eval_data else {})
+    pairs = [("data.train_file", train_data), ("data.eval_file", eval_data)]
+    # rows from `datasets` sources carry their recipe key (data.sources, …) as their path
+    hashes = {str(d.path) if recipe.data.sources else key: d.sha256() for key, d in pairs if d}
+    if template := chat_template(recipe.data):  # a .jinja file's content, not only its name, defines the run
+        hashes["data.chat_template"] = hashlib.sha256(template.encode()).hexdigest()
     for line in rundir.prepare(recipe, run_dir, take_lock):
         say(line)
     for line in identity.compare(recipe, run_dir, hashes, allow_change):
@@ -126,12 +137,15 @@ def load_model(recipe: Recipe, plan: RunPlan, name: str):
 def setup(recipe: Recipe, train_data: DataSet, eval_data: DataSet | None) -> Setup:
     from lorabox.train.data import build_datasets
     from lorabox.train.model import load_tokenizer, resolve_name
+    from lorabox.train.sources import use_chat_template
 
     plan = plan_here(recipe)
     for reason in plan.reasons():
         say(reason)
     name = resolve_name(recipe)
     tokenizer = load_tokenizer(recipe, name)
+    if template_line := use_chat_template(tokenizer, recipe.data):
+        say(template_line)
     # Padding-free batches without packing cannot be truncated by TRL, so long rows are dropped instead.
     train_dataset, eval_dataset, loss_keys, report = build_datasets(
         recipe, train_data, eval_data, tokenizer, not plan.padding_free.value
