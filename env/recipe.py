@@ -12,9 +12,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from lorabox.env.shapes import ShapeSection
-
 from lorabox.env.recipe_data import DataSection, resolve_data_paths
+from lorabox.env.shapes import ShapeSection
 
 # A model named "bundled:tiny-llama" is built locally by train.tiny_model (no download); the planner treats it as
 # negligible in size.
