@@ -26,7 +26,8 @@ examples (usually started for you by `lorabox train`, which picks the accelerate
   accelerate launch --config_file train/accelerate/cpu.yaml -m lorabox.train --config train/recipes/demo.yaml
   python -m lorabox.train --config my.yaml --set training.max_steps=20 --run-dir runs/try
   python -m lorabox.train --config my.yaml --resume runs/my/checkpoint-200
-exit codes: 0 done, 2 bad recipe, data or run directory, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+exit codes: 0 done, 2 bad recipe, data, run directory or model access (or a GPU recipe on a CPU without --allow-cpu),
+            3 out of memory at micro-batch 1, 4 NaN/inf loss,
             5 training packages missing or broken, 6 the run directory could not be written,
             129/130/143 stopped by SIGHUP/SIGINT/SIGTERM after saving a checkpoint
 """

@@ -30,6 +30,7 @@ SMALL_FILES_BYTES = 8 << 20
 # The lock's file descriptor stays open for the life of this process: the kernel drops the lock when the process
 # ends, however it ends.
 _held: list[int] = []
+_locked: set[Path] = set()  # the run directories whose lock this process took
 # run dir -> (the topmost directory this process created for it, or None; the entries it held before, with sizes),
 # so a run that never started can take back exactly what it added.
 _before: dict[Path, tuple[Path | None, dict[str, int]]] = {}
@@ -116,6 +117,8 @@ def discard_unstarted() -> list[str]:
 
 
 def _discard(run_dir: Path, created: Path | None, before: dict[str, int]) -> str | None:
+    if run_dir not in _locked:  # only the lock's holder may take anything back (a racing start may own it)
+        return None
     now = _entries(run_dir)
     if any(n.startswith("checkpoint-") and n not in before for n in now):
         return None
@@ -126,6 +129,7 @@ def _discard(run_dir: Path, created: Path | None, before: dict[str, int]) -> str
         return None
     while _held:  # our lock on the directory being removed
         os.close(_held.pop())
+    _locked.discard(run_dir)
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return f"removed {created}: the run ended before training began"
@@ -166,6 +170,7 @@ def acquire_lock(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
     _held.append(fd)
+    _locked.add(run_dir)
 
 
 def clean_staging(run_dir: Path) -> str | None:

@@ -250,3 +250,17 @@ def test_discard_takes_back_only_what_a_run_that_never_trained_added(tmp_path):
     rundir.prepare(recipe, started, take_lock=True)
     (started / "metrics.jsonl").write_text('{"loss": 1.0}\n')
     assert rundir.discard_unstarted() == [] and (started / "metrics.jsonl").is_file()
+
+
+def test_generate_and_merge_check_the_base_model_before_loading_it(tmp_path, isolated_hub, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from lorabox.train.model import load_finished_run
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text(load_recipe(RECIPE_8B).to_yaml())
+    assert load_finished_run(run, "lorabox train generate") is None
+    assert f"lorabox train generate: model {MODEL_8B} is not in the Hugging Face cache" in capsys.readouterr().err
