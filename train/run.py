@@ -205,14 +205,17 @@ def user_error(error: Exception | str, code: int = 2) -> int:
 def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -> int:
     from lorabox.train import rundir
 
-    code = run(argv, prog)
-    if code != 0 and is_main_process():  # a run that ended before training began leaves its run directory as it was
-        for line in rundir.discard_unstarted():
-            say(line)
+    code = 1  # what an exception out of the run means
+    try:
+        code = run_once(argv, prog)
+    finally:
+        if code != 0 and is_main_process():  # a run that ended before training began leaves no run directory
+            for line in rundir.discard_unstarted():
+                say(line)
     return code
 
 
-def run(argv: list[str] | None, prog: str) -> int:
+def run_once(argv: list[str] | None, prog: str) -> int:
     from lorabox.train.resilience.launcher import tie_to_launcher
 
     tie_to_launcher()  # under `lorabox train`: this rank ends when the launcher does
