@@ -87,45 +87,45 @@ def find_cached(repo: str, revision: str | None) -> tuple[Cached | None, list[st
     return (None, missing) if missing else (Cached(snapshot, snapshot.name), [])
 
 
-def probe(repo: str, revision: str | None) -> str | None:
-    """None when the Hub serves the model's config.json to us; else why not, as the message to print.
+def probe(repo: str, revision: str | None) -> tuple[str, str] | None:
+    """None when the Hub serves the model's config.json to us; else (why, in a few words; the message to print).
     Raises nothing: every failure becomes a message (ModelAccessError is raised by the caller)."""
     from huggingface_hub import get_hf_file_metadata, get_token, hf_hub_url
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    token = "the token in use was refused" if get_token() else "no token is set"
     try:
         get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=PROBE_TIMEOUT_S)
         return None
     except GatedRepoError:  # a subclass of RepositoryNotFoundError: test it first
-        status = "gated"
+        return f"gated, {token}", _gated(repo, revision, token)
     except RevisionNotFoundError:
-        return (
+        return f"no revision {revision!r}", (
             f"model {repo} has no revision {revision!r} on the Hub; set model.revision to a branch, tag or commit "
             f"listed at https://huggingface.co/{repo}/tree/main"
         )
     except RepositoryNotFoundError:
-        status = "not found"
+        return f"not found, {token}", (
+            f"model {repo}: no such model on the Hugging Face Hub ({token}). Check the spelling at "
+            f"https://huggingface.co/models?search={repo.split('/')[-1]}; a private or gated model needs "
+            "`hf auth login` or HF_TOKEN; a local copy is named by its directory path (./models/name)"
+        )
     except HfHubHTTPError as error:
         code = error.response.status_code if error.response is not None else None
-        if code not in (401, 403):
-            return _unreachable(repo, revision, f"the Hub answered {code}")
-        status = "gated"
+        if code in (401, 403):
+            return f"refused ({code}), {token}", _gated(repo, revision, token)
+        why = f"the Hub answered {code}"
     except Exception as error:  # no DNS, refused, timed out, TLS, proxy: all mean "cannot reach it from here"
-        return _unreachable(
-            repo, revision, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        )
-    token = "the token in use was refused" if get_token() else "no token is set"
-    if status == "gated":
-        return (
-            f"model {repo} is gated on the Hugging Face Hub and {token}: accept its licence at "
-            f"https://huggingface.co/{repo} (signed in), then log in here with `hf auth login` or export "
-            f"HF_TOKEN=<a read token from https://huggingface.co/settings/tokens>; then run again "
-            f"(or download it first: `{_download_command(repo, revision)}`)"
-        )
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return f"unreachable ({why})", _unreachable(repo, revision, why)
+
+
+def _gated(repo: str, revision: str | None, token: str) -> str:
     return (
-        f"model {repo}: no such model on the Hugging Face Hub ({token}). Check the spelling at "
-        f"https://huggingface.co/models?search={repo.split('/')[-1]}; a private or gated model needs "
-        "`hf auth login` or HF_TOKEN; a local copy is named by its directory path (./models/name)"
+        f"model {repo} is gated on the Hugging Face Hub and {token}: accept its licence at "
+        f"https://huggingface.co/{repo} (signed in), then log in here with `hf auth login` or export "
+        f"HF_TOKEN=<a read token from https://huggingface.co/settings/tokens>; then run again "
+        f"(or download it first: `{_download_command(repo, revision)}`)"
     )
 
 
@@ -185,17 +185,18 @@ def check(recipe: Recipe) -> list[str]:
     if problem is None:
         where = f"cached at commit {cached.commit}" if cached else f"will be downloaded into {cache_dir()}"
         return [f"base model {name} on the Hub is accessible; {where}"]
-    if cached is not None and "cannot be reached" in problem:
-        # Loading would first retry the Hub for newer files; the complete cached copy is what it would fall back to.
-        from huggingface_hub import constants
+    if cached is None:
+        raise ModelAccessError(problem[1])
+    # huggingface_hub falls back to a complete cached copy whatever the Hub answered (file_download.py,
+    # _get_metadata_or_catch_error); offline mode skips its retries and per-file requests on the way there.
+    from huggingface_hub import constants
 
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for the ranks `lorabox train` starts
-        constants.HF_HUB_OFFLINE = True  # for this process: is_offline_mode() returns this value, read at import
-        return [
-            f"the Hugging Face Hub cannot be reached: using the cached {name} at commit {cached.commit} "
-            "(HF_HUB_OFFLINE=1 for this run)"
-        ]
-    raise ModelAccessError(problem)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for the ranks `lorabox train` starts
+    constants.HF_HUB_OFFLINE = True  # for this process: is_offline_mode() returns this value, read at import
+    return [
+        f"the Hugging Face Hub did not serve {name} ({problem[0]}): using the cached copy at commit {cached.commit} "
+        "(HF_HUB_OFFLINE=1 for this run)"
+    ]
 
 
 def mark_checked(recipe: Recipe) -> None:

@@ -189,13 +189,22 @@ def test_probe_classifies_gated_missing_revision_and_unreachable(tmp_path, isola
             server.shutdown()
 
 
-def test_a_complete_cached_copy_is_used_offline_when_the_hub_is_unreachable(tmp_path, isolated_hub):
+def test_a_complete_cached_copy_is_used_offline_when_the_hub_does_not_serve_it(tmp_path, isolated_hub, monkeypatch):
     from huggingface_hub import constants
 
     snapshot = fake_cached_model(Path(constants.HF_HUB_CACHE), "org/model", LLAMA3_8B_CONFIG)
-    lines = hub.check(recipe_for(tmp_path, "org/model"))
-    assert f"using the cached org/model at commit {snapshot.name}" in lines[0]
+    server = hub_answering(401, "GatedRepo")  # huggingface_hub would fall back to the cache here too
+    try:
+        isolated_hub(f"http://127.0.0.1:{server.server_port}")
+        (line,) = hub.check(recipe_for(tmp_path, "org/model"))
+    finally:
+        server.shutdown()
+    assert f"did not serve org/model (gated, no token is set): using the cached copy at commit {snapshot.name}" in line
     assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    isolated_hub(f"http://127.0.0.1:{closed_port()}")
+    (line,) = hub.check(recipe_for(tmp_path, "org/model"))
+    assert "did not serve org/model (unreachable (ConnectError" in line and "HF_HUB_OFFLINE=1 for this run" in line
     (snapshot / "model.safetensors").unlink()  # incomplete: offline it is missing, and says what is
     with pytest.raises(hub.ModelAccessError, match=r"missing: the weights"):
         hub.check(recipe_for(tmp_path, "org/model"))
