@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lorabox.env.recipe import RecipeError, load_recipe
-from lorabox.train import environment, rundir
+from lorabox.train import cpu_guard, environment, hub, rundir
 from lorabox.train import nodes as multinode
 from lorabox.train.console import say
 from lorabox.train.data import DataError
@@ -29,7 +29,8 @@ examples:
   lorabox train --config my.yaml --run-dir /shared/runs/my --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.5:29500
   lorabox train merge runs/my --out merged/                          # base (dequantised) + adapter, safetensors
   lorabox train generate runs/my --prompt "What is the capital of Peru?"
-exit codes: 0 done, 2 bad recipe/data/arguments/run directory (checked before anything starts),
+exit codes: 0 done, 2 bad recipe/data/arguments/run directory, model not loadable here (offline and not cached,
+            gated, not found), or a GPU recipe on a CPU without --allow-cpu (checked before anything starts),
             3 out of memory at micro-batch 1, 4 NaN/inf loss, 5 training packages missing or broken (lorabox verify),
             6 the run directory could not be written (disk full, read-only, no permission),
             129/130/143 stopped by SIGHUP/SIGINT/SIGTERM (a complete checkpoint was saved; run again to resume)
@@ -128,11 +129,18 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         recipe = load_recipe(args.config, args.set)
         nodes = multinode.resolve(args)
         run_dir = (args.run_dir or recipe.output_dir).resolve()
+        # Before the run directory exists: a model that cannot load, or hours per step on a CPU, stop here.
+        for line in [*hub.check(recipe), *cpu_guard.check(recipe, args.allow_cpu, use_torch=False)]:
+            say(line)
+        hub.mark_checked(recipe)
         if nodes is None or nodes.rank == 0:
             preflight(recipe, run_dir, args.allow_recipe_change, take_lock=True)  # the lock is held until we exit
         else:  # node 0's launcher holds the shared run directory's lock and checks its identity
             validate_data(recipe)
     except (RecipeError, DataError, rundir.RunDirError, multinode.NodesError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return _ended(2)
+    except (hub.ModelAccessError, cpu_guard.CpuOnlyError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2
     except UnicodeDecodeError as error:  # the recipe file itself
@@ -147,10 +155,11 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
     config, num_processes, why = choose_accelerate_config(args.accelerate_config, per_node, nodes.count if nodes else 1)
     if not config.is_file():
         print(f"{prog}: accelerate config {config} not found; pick one of {ACCELERATE_DIR}/*.yaml", file=sys.stderr)
-        return 2
+        return _ended(2)
     train_args = ["--config", str(args.config.resolve()), *(a for item in args.set for a in ("--set", item))]
     train_args += ["--run-dir", str(run_dir)]
     train_args += ["--allow-recipe-change"] if args.allow_recipe_change else []
+    train_args += ["--allow-cpu"] if args.allow_cpu else []
     train_args += ["--resume", str(args.resume.resolve())] if args.resume else []
     train_args += ["--no-resume"] if args.no_resume else []
     say(f"accelerate config {config.name}: {why}")
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         )
         if nodes.rank > 0 and (problem := multinode.wait_for_rendezvous(nodes, args.rdzv_timeout)):
             print(f"{prog}: {problem}", file=sys.stderr)
-            return 2
+            return _ended(2)
         machines = multinode.accelerate_arguments(nodes, args.rdzv_timeout)
         num_processes = (num_processes or 1) * nodes.count
         os.environ.update(multinode.rank_environment(nodes, args.collective_timeout))
@@ -183,11 +192,19 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         blame = environment.attribute_crash()
         if blame:
             print(f"{prog}: {blame}", file=sys.stderr, flush=True)
-            return environment.EXIT_ENVIRONMENT
+            return _ended(environment.EXIT_ENVIRONMENT)
         print(
             f"{prog}: a training process ended without reporting an outcome (killed, or crashed: see above); "
             f"complete checkpoints in {run_dir} are kept: run the same command to resume",
             file=sys.stderr,
             flush=True,
         )
+    return _ended(code)
+
+
+def _ended(code: int) -> int:
+    """A run that ended before training began leaves no run directory behind (or the one it found, as it was)."""
+    if code != 0:
+        for line in rundir.discard_unstarted():
+            say(line)
     return code

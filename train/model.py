@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabox.env.recipe import Recipe, RecipeError, load_recipe
-from lorabox.train import tiny_model
+from lorabox.train import hub, tiny_model
 from lorabox.train.outputs import unfinished_run_problem
 
 # torch is imported inside the functions: `lorabox train merge/generate` on a wrong path fail before it loads (~5 s).
@@ -103,14 +103,15 @@ def resolve_name(recipe: Recipe) -> str:
 
 def load_trained(run_dir: Path, dequantize: bool = False):
     """(recipe, tokenizer, base + the run's adapter) from a finished run directory; dequantize for merging."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     problem = unfinished_run_problem(run_dir)
     if problem:
         raise FileNotFoundError(problem)
     adapter = run_dir / "adapter"
     recipe = load_recipe(run_dir / "config.yaml")
+    hub.check(recipe)  # offline and not cached, or gated: say so before torch loads, not after download retries
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
     dtype, _ = choose_dtype(recipe)
     model = load_base_model(recipe, resolve_name(recipe), dtype, {})
     if dequantize and recipe.model.load_in_4bit:
@@ -125,7 +126,7 @@ def load_finished_run(run_dir: Path, prog: str, dequantize: bool = False) -> tup
     if problem is None:
         try:
             return load_trained(run_dir, dequantize=dequantize)
-        except (FileNotFoundError, RecipeError) as error:
+        except (FileNotFoundError, RecipeError, hub.ModelAccessError) as error:
             problem = str(error)
     print(f"{prog}: {problem}", file=sys.stderr)
     return None

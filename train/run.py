@@ -27,7 +27,8 @@ examples (usually started for you by `lorabox train`, which picks the accelerate
   accelerate launch --config_file train/accelerate/cpu.yaml -m lorabox.train --config train/recipes/demo.yaml
   python -m lorabox.train --config my.yaml --set training.max_steps=20 --run-dir runs/try
   python -m lorabox.train --config my.yaml --resume runs/my/checkpoint-200
-exit codes: 0 done, 2 bad recipe, data or run directory, 3 out of memory at micro-batch 1, 4 NaN/inf loss,
+exit codes: 0 done, 2 bad recipe, data, run directory or model access (or a GPU recipe on a CPU without --allow-cpu),
+            3 out of memory at micro-batch 1, 4 NaN/inf loss,
             5 training packages missing or broken, 6 the run directory could not be written,
             129/130/143 stopped by SIGHUP/SIGINT/SIGTERM after saving a checkpoint
 """
@@ -42,6 +43,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool) ->
     resume.add_argument("--resume", type=Path, metavar="PATH", help="resume from this checkpoint directory")
     resume.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     console.add_verbose_flag(parser)
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="train a recipe made for a GPU (gpu-* preset, 1B+ model) on the CPU"
+    )
     parser.add_argument(
         "--allow-recipe-change",
         action="store_true",
@@ -189,6 +193,9 @@ def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wa
     hashes = {str(d.path): d.sha256() for d in data}
     outputs.write_json(run_dir / "provenance.json", outputs.provenance(recipe.config_hash(), hashes))
     outputs.plot_loss(metrics, run_dir / "loss.png")
+    from lorabox.train import model_card
+
+    model_card.write(recipe, run_dir, hashes, summary)
     first, last = summary["first_train_loss"], summary["final_train_loss"]
     say(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['tokens_per_s']} tokens/s")
     say(f"train loss {first:.3f} → {last:.3f}" if first is not None else "no train loss was logged")
@@ -211,18 +218,33 @@ def user_error(error: Exception | str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -> int:
+    from lorabox.train import rundir
+
+    code = 1  # what an exception out of the run means
+    try:
+        code = run_once(argv, prog)
+    finally:
+        if code != 0 and is_main_process():  # a run that ended before training began leaves no run directory
+            for line in rundir.discard_unstarted():
+                say(line)
+    return code
+
+
+def run_once(argv: list[str] | None, prog: str) -> int:
     from lorabox.train.resilience.launcher import tie_to_launcher
 
     tie_to_launcher()  # under `lorabox train`: this rank ends when the launcher does
     args = build_parser(prog).parse_args(argv)
     console.hide_known_warnings()
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
-    from lorabox.train import environment, identity, rundir
+    from lorabox.train import cpu_guard, environment, hub, identity, rundir
 
     run_dir = Path.cwd()  # until the recipe names it
     try:
         recipe = load_recipe(args.config, args.set)
         run_dir = (args.run_dir or recipe.output_dir).resolve()
+        for line in [*hub.check(recipe), *cpu_guard.check(recipe, args.allow_cpu, use_torch=True)]:
+            say(line)  # before the run directory is touched
         if is_main_process():  # under `lorabox train` the launcher holds the run directory's lock for us
             take_lock = os.environ.get(rundir.HELD_ENV) != str(run_dir)
             train_data, eval_data, hashes = preflight(recipe, run_dir, args.allow_recipe_change, take_lock)
@@ -230,7 +252,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
             say(f"recipe (in full: {run_dir / 'config.yaml'}): {console.recipe_summary(recipe)}")
         else:
             train_data, eval_data = validate_data(recipe)
-    except (RecipeError, DataError, rundir.RunDirError) as error:
+    except (RecipeError, DataError, rundir.RunDirError, hub.ModelAccessError, cpu_guard.CpuOnlyError) as error:
         return user_error(error)
     except OSError as error:
         return user_error(rundir.storage_message(error, run_dir), rundir.EXIT_STORAGE)

@@ -31,6 +31,12 @@ SMALL_FILES_BYTES = 8 << 20
 # The lock's file descriptor stays open for the life of this process: the kernel drops the lock when the process
 # ends, however it ends.
 _held: list[int] = []
+_locked: set[Path] = set()  # the run directories whose lock this process took
+# run dir -> (the topmost directory this process created for it, or None; the entries it held before, with sizes),
+# so a run that never started can take back exactly what it added.
+_before: dict[Path, tuple[Path | None, dict[str, int]]] = {}
+# Written once training has begun: a run directory holding one of these is kept whatever the exit.
+STARTED = ("metrics.jsonl", "adapter", "summary.json")
 
 
 class RunDirError(Exception):
@@ -99,13 +105,58 @@ def check_path(run_dir: Path) -> None:
             )
         if parent.exists():
             break
+    created = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _before.setdefault(run_dir, (created, {} if created else _entries(run_dir)))
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"lorabox")
         probe.unlink()
     except OSError as error:
         raise RunDirError(storage_message(error, run_dir)) from None
+
+
+def _entries(run_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in run_dir.iterdir()}
+
+
+def discard_unstarted() -> list[str]:
+    """After a run that ended before training began: remove each run directory this process created, else only the
+    entries it added; returns what was done (nothing when training began or nothing was added)."""
+    lines = []
+    while _before:
+        run_dir, (created, before) = _before.popitem()
+        line = _discard(run_dir, created, before) if run_dir.is_dir() else None
+        lines += [line] if line else []
+    return lines
+
+
+def _discard(run_dir: Path, created: Path | None, before: dict[str, int]) -> str | None:
+    if run_dir not in _locked:  # only the lock's holder may take anything back (a racing start may own it)
+        return None
+    now = _entries(run_dir)
+    if any(n.startswith("checkpoint-") and n not in before for n in now):
+        return None
+    if any(now[n] != before.get(n) for n in STARTED if n in now):
+        return None
+    # A replaced config.yaml is kept as config.<time>.yaml: taking back one and not the other would lose the record.
+    if any(n.startswith("config.") and n != "config.yaml" and n not in before for n in now):
+        return None
+    while _held:  # our lock on the directory being removed
+        os.close(_held.pop())
+    _locked.discard(run_dir)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return f"removed {created}: the run ended before training began"
+    added = sorted(n for n in now if n not in before)
+    for name in added:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return (
+        f"removed what this run added to {run_dir} ({', '.join(added)}): it ended before training began"
+        if added
+        else None
+    )
 
 
 def acquire_lock(run_dir: Path) -> None:
@@ -134,6 +185,7 @@ def acquire_lock(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
     _held.append(fd)
+    _locked.add(run_dir)
 
 
 def clean_staging(run_dir: Path) -> str | None:

@@ -159,3 +159,11 @@ def test_merge_of_an_unfinished_run_says_what_is_missing(cli, tmp_path):
     done = cli("lorabox.train.cli", "train", "merge", str(tmp_path))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a finished lorabox run: expected config.yaml and adapter/adapter_config.json" in done.stderr
+
+
+def test_model_card_replaces_the_template(finished_run):
+    run_dir, data, _, _ = finished_run
+    card = (run_dir / "README.md").read_text(encoding="utf-8")
+    assert (run_dir / "adapter" / "README.md").read_text(encoding="utf-8") == card
+    assert "| base model | `bundled:tiny-llama` |" in card and "[None]" not in card
+    assert f"`{hashlib.sha256(data.read_bytes()).hexdigest()}`" in card and "```yaml" in card
