@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lorabox.env.recipe import Recipe
-from lorabox.train.rundir import RunDirError
+from lorabox.train.rundir import RunDirError, write_durably
 
 IDENTITY_FILE = "identity.json"
 # Keys that may differ between the segments of one run, with what the change does (docs/resilience.md lists them).
@@ -161,7 +161,5 @@ def record(recipe: Recipe, run_dir: Path, data_hashes: dict[str, str]) -> Path:
     keys = identity(recipe.to_dict(), data_hashes)
     meta = {"identity_hash": identity_hash(keys), "config_hash": recipe.config_hash(), "data_hashes": data_hashes}
     for path, body in ((run_dir / IDENTITY_FILE, json.dumps(meta, indent=1) + "\n"), (config, text)):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, path)
+        write_durably(path, body)
     return config

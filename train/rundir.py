@@ -63,6 +63,23 @@ def storage_message(error: OSError, path: Path) -> str:
     return f"cannot write {where}: {what} ({space})"
 
 
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash or a failing disk leaves the old content or the new, never an empty
+    file: ext4 and XFS may commit the rename before the data (the zero-length-file problem), so the data is fsynced
+    before the rename and the directory after it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as sink:
+        sink.write(text)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def quiet_storage_errors_in_threads() -> None:
     """Writer threads (TensorBoard's event writer) that meet a full or read-only disk would print a traceback from
     their thread; the main thread meets the same error on its next write and reports it in one line, so a storage
