@@ -40,7 +40,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
     parser.add_argument(
         "--format",

@@ -183,6 +183,30 @@ def test_metric_values_on_known_strings():
     assert metrics.perplexity(0.0) == 1.0 and metrics.perplexity(1000.0) == math.inf
 
 
+def test_eval_prompts_and_references_per_data_format():
+    from lorabox.train.evaluate import split_prompt
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat += [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    assert split_prompt({"messages": chat}) == (chat[:3], "bye")
+    assert split_prompt({"prompt": "### Instruction:\nq\n\n### Response:\n", "completion": "a"})[1] == "a"
+    assert split_prompt({"text": "one two three four five"}) == ("one two", "three four five")
+
+
+def test_run_format_falls_back_to_the_training_file(tmp_path, write_jsonl):
+    from types import SimpleNamespace
+
+    from lorabox.train.generate import run_format
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}])
+    recipe = SimpleNamespace(data=SimpleNamespace(format="auto", train_file=data))
+    assert run_format(tmp_path, recipe) == ("text", f"detected from {data}")
+    assert run_format(tmp_path, recipe, "chat") == ("chat", "--format")
+    recipe.data.train_file = tmp_path / "moved.jsonl"
+    shape, why = run_format(tmp_path, recipe)
+    assert shape is None and "pass --format" in why
+
+
 def test_missing_metrics_package_names_the_fix(monkeypatch):
     monkeypatch.setitem(metrics.LIBRARIES, "rouge", ("lorabox_no_such_module", "rouge-score"))
     with pytest.raises(metrics.MissingMetricLibrary, match=r"rouge-score.*pixi install"):
