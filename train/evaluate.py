@@ -80,6 +80,7 @@ def labelled_rows(
             use_cpu=not _cuda(),
             max_length=recipe.data.max_seq_len,
             activation_checkpointing=False,
+            use_cache=True,  # Trainer copies this onto model.config: False would slow the answers generated next
             dataset_num_proc=None,
             **sft_keys,
         )

@@ -59,6 +59,7 @@ def test_generation_prompt_is_the_prompt_training_saw(tiny_run, loaded, ten_rows
     data = read_jsonl(tiny_run[1], "instruction")
     rows, keys, _ = to_trl_rows(data, tokenizer, completion_only=True)
     row = labelled_rows(model, rows[:2], tokenizer, recipe, keys)[1]  # row 2 has no 'input': the plain question
+    assert model.config.use_cache  # preparing the rows through TRL leaves generation's KV cache on
     answer_starts = next(i for i, label in enumerate(row["labels"]) if label != -100)
     ids = prompt_ids(tokenizer, conversation("instruction", tokenizer, ten_rows[1]["instruction"]))
     assert ids == row["input_ids"][:answer_starts]
