@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorabox.train.launch", "launch a QLoRA recipe with accelerate (also: train merge, train generate)"),
     "demo": ("lorabox.train.demo", "offline end-to-end demo: verify, then QLoRA on a bundled tiny model"),
     "env": ("lorabox.env.cli", "environments: matrix, pick, preflight, build, pins"),
+    "eval": ("lorabox.train.evaluate", "base vs adapter on a held-out file: loss, perplexity, task metrics, answers"),
     "plan": ("lorabox.env.plan", "predict a recipe's peak GPU memory and pick settings that fit"),
     "bench": ("lorabox.train.bench", "measure lorabox's training path against the seed recipe"),
 }
@@ -23,6 +24,7 @@ examples:
   lorabox verify --config train/recipes/codellama-7b-12gb.yaml   # will this recipe fit my GPU?
   lorabox train --config my.yaml --set lora.r=32 # QLoRA through accelerate launch
   lorabox train generate runs/my-run --prompt "Write a haiku"
+  lorabox eval runs/my-run --data held-out.jsonl  # base vs adapter: loss, perplexity, ROUGE/BLEU/accuracy
   lorabox env pick                               # which pixi environment fits this driver and GPU
   lorabox plan --config my.yaml --gpu-mem 12GiB  # peak-memory breakdown before you start
 """

@@ -191,7 +191,8 @@ def save_outputs(trainer, recipe: Recipe, run_dir: Path, data: list[DataSet], wa
     summary = outputs.summarize(metrics, state.global_step, tokens, wall_s, peak, segments.read(run_dir))
     outputs.write_json(run_dir / "summary.json", summary)
     hashes = {str(d.path): d.sha256() for d in data}
-    outputs.write_json(run_dir / "provenance.json", outputs.provenance(recipe.config_hash(), hashes))
+    record = outputs.provenance(recipe.config_hash(), hashes) | {"data_format": data[0].shape}  # generate/eval read it
+    outputs.write_json(run_dir / "provenance.json", record)
     outputs.plot_loss(metrics, run_dir / "loss.png")
     from lorabox.train import model_card
 
