@@ -202,12 +202,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorabox.train") -
     args = build_parser(prog).parse_args(argv)
     console.hide_known_warnings()
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
-    from lorabox.train import environment, identity, rundir
+    from lorabox.train import environment, identity, rundir, trackers
 
     run_dir = Path.cwd()  # until the recipe names it
     try:
         recipe = load_recipe(args.config, args.set)
         run_dir = (args.run_dir or recipe.output_dir).resolve()
+        trackers.prepare(recipe.training.report_to, run_dir)  # a tracker's package missing: exit 2 before loading
         if is_main_process():  # under `lorabox train` the launcher holds the run directory's lock for us
             take_lock = os.environ.get(rundir.HELD_ENV) != str(run_dir)
             train_data, eval_data, hashes = preflight(recipe, run_dir, args.allow_recipe_change, take_lock)
