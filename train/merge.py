@@ -27,7 +27,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def follow_umask(directory: Path) -> None:
     """safetensors writes its files mode 0600 whatever the umask; give them the mode the other files here get (0644
-    under umask 022), so whoever may read the tokenizer and config may read the weights too."""
+    under umask 022), so whoever may read the tokenizer and config may read the weights too. Used for the merged
+    model, and by the trainer for the adapter and checkpoints."""
     umask = os.umask(0)
     os.umask(umask)
     for path in directory.glob("*.safetensors"):

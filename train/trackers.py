@@ -32,11 +32,13 @@ def check(report_to: list[str]) -> None:
     """RecipeError (exit 2, before the model loads) naming the command that installs each missing tracker."""
     missing = [t for t in report_to if t in PACKAGES and importlib.util.find_spec(PACKAGES[t][0]) is None]
     if missing:
+        verb, it = ("is", "it") if len(missing) == 1 else ("are", "them")
         raise RecipeError(
             [
-                f"training.report_to: {', '.join(missing)} is not installed in this environment. "
-                f"Add it with `{install_command(missing)}` (pip: `pip install -r <(lorabox env pins <lane> --group "
-                'track)`; pixi: add "track" to the lane\'s features in pixi.toml), or leave it out of report_to'
+                f"training.report_to: {' and '.join(missing)} {verb} not installed in this environment. "
+                f"Add {it} with `{install_command(missing)}` (every tracker with a lane's pins: "
+                '`pip install -r <(lorabox env pins <lane> --group track)`; pixi: add "track" to the lane\'s features '
+                f"in pixi.toml), or leave {it} out of report_to"
             ],
             "training.report_to",
         )

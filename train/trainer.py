@@ -16,6 +16,7 @@ from lorabox.env.recipe import Recipe
 from lorabox.env.runplan import RunPlan
 from lorabox.train import console
 from lorabox.train.identity import flatten
+from lorabox.train.merge import follow_umask
 from lorabox.train.model import DTYPES
 from lorabox.train.resilience import ResilientTrainerMixin
 
@@ -75,6 +76,12 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
         console.use_progress(self)
         if {"wandb", "mlflow"} & set(self.args.report_to):
             self.add_callback(RecipeConfig)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter and each checkpoint's weights, readable like the files beside them (see follow_umask)."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            follow_umask(Path(output_dir or self.args.output_dir))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen

@@ -39,6 +39,9 @@ def test_demo_shows_a_clear_loss_fall_and_where_everything_is(demo_run):
     assert summary["final_eval_loss"] < summary["first_train_loss"] / 2
     for name in ("adapter", "loss.png", "summary.json"):
         assert f"{run_dir / name}" in output and (run_dir / name).exists()
+    # the adapter's and checkpoints' weights follow the umask like the files beside them (safetensors writes 0600)
+    modes = {str(path.relative_to(run_dir)): path.stat().st_mode & 0o777 for path in run_dir.rglob("*.safetensors")}
+    assert "adapter/adapter_model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask()}, modes
     assert "sample   Q: What is the capital of France?\n           A: The capital of" in output
 
 
