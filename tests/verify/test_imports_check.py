@@ -80,6 +80,18 @@ def test_version_drift_from_the_pins_warns_with_the_fix(tmp_path, monkeypatch):
     assert versions.values["environment_reason"] == "$LORABOX_ENV"
 
 
+def test_the_optional_trackers_are_not_required(monkeypatch):
+    """The cpu environment lists the track feature (wandb, mlflow-skinny) for pixi users; `pins cpu` leaves it out,
+    so a plain pip install without it must not be drift."""
+    monkeypatch.delenv("LORABOX_MANIFEST", raising=False)
+    monkeypatch.setattr("lorabox.verify.checks.imports.installed_version", lambda name: None)
+    report = versions_report({"LORABOX_ENV": "cpu"})
+    versions = next(r for r in report.results if r.id == "versions")
+    pins = versions.values["pins"]
+    assert "transformers" in pins and "pytest" not in pins
+    assert "wandb" not in pins and "mlflow-skinny" not in pins
+
+
 def test_without_pixi_toml_drift_cannot_be_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("LORABOX_MANIFEST", str(tmp_path / "missing" / "pixi.toml"))
     report = versions_report({})
