@@ -51,7 +51,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m lorabox.env") -> int:
-    args = build_parser(prog).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser(prog).parse_args(argv)
+    except SystemExit as stop:
+        # argparse exits 2 on a usage error; a subcommand whose 2 means "warnings only" names its own USAGE_EXIT.
+        named = SUBCOMMANDS.get(argv[0]) if argv else None
+        usage_exit = getattr(importlib.import_module(named[0]), "USAGE_EXIT", None) if named else None
+        if stop.code == 2 and usage_exit is not None:
+            return usage_exit
+        raise
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

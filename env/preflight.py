@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lorabox.env.gpu import GpuReading, read_gpus
 from lorabox.env.host import HostPaths, container_kind, disk_free_bytes, hf_cache_dir, is_wsl, shm_bytes, wsl_libcuda
-from lorabox.env.report import GIB, MIN_CACHE_FREE_BYTES, MIN_SHM_BYTES, CheckResult, exit_code, render
+from lorabox.env.report import EXIT_USAGE, GIB, MIN_CACHE_FREE_BYTES, MIN_SHM_BYTES, CheckResult, exit_code, render
 
 # A CUDA image holds torch's CUDA wheels (cuDNN, cuBLAS, NCCL …): ~10 GiB unpacked, plus room for a rebuild.
 IMAGE_GIB = {"gpu": 15.0, "cpu": 3.0}
@@ -229,7 +229,14 @@ def preflight(
     ]
 
 
+# `lorabox env` exits with this on a usage error of this subcommand: argparse's 2 would read as "warnings only".
+USAGE_EXIT = EXIT_USAGE
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        f"exit codes: 0 all passed; 1 a check failed; 2 warnings only; 3 could not run; {USAGE_EXIT} bad arguments"
+    )
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     parser.add_argument("--engine", choices=["auto", "docker", "podman"], default="auto", help="engine to check")
     parser.add_argument("--cpu", action="store_true", help="size the disk check for a cpu image instead of a CUDA one")

@@ -103,6 +103,25 @@ class TrainingSection(Section):
     save_steps: int = Field(200, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="default: same as save_steps")
     save_total_limit: int = Field(3, ge=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers that receive the metrics and the recipe (wandb, mlflow: the track extra)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, data: Any) -> Any:
+        # `report_to: wandb` and `--set training.report_to=wandb` mean a list of one.
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):
+            return {**data, "report_to": [data["report_to"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _none_stands_alone(self) -> TrainingSection:
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to: 'none' cannot be combined with trackers (got {self.report_to})")
+        self.report_to = list(dict.fromkeys(self.report_to))
+        return self
 
 
 class PerformanceSection(Section):

@@ -11,6 +11,9 @@ from typing import Literal
 Status = Literal["pass", "fail", "warn", "skip", "error"]
 SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "⚠", "skip": "⊘", "error": "✗"}
 GIB = 1024**3
+# A usage error (unknown flag, bad --only or --engine value): sysexits.h's EX_USAGE. Not argparse's 2, which both
+# tools use for "warnings only", so a CI script that accepts warnings would pass a typo; not 3, "could not run".
+EXIT_USAGE = 64
 
 # Docker's default /dev/shm is 64 MiB: DataLoader workers then die with "bus error".
 MIN_SHM_BYTES = 1 * GIB

@@ -7,6 +7,7 @@ import json
 import sys
 import tempfile
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from lorabox.env.memory import GIB, SHAPES, estimate, seed_settings
@@ -29,7 +30,7 @@ FIRST_STEP_TOLERANCE, LOSS_TOLERANCE = 0.01, 0.05
 
 EXAMPLES = """\
 examples:
-  lorabox bench --quick                              # tiny shape on CPU: checks the command and the loss guard
+  lorabox bench --quick                              # tiny shape on CPU; results in runs/bench/<timestamp>/
   lorabox bench --shape 7b --batch 4 --seq 2048      # the seed baseline's shape, fixed-length rows
   lorabox bench --shape 8b --data variable --json-out bench-8b.json
   lorabox bench --plan-grid --shapes 7b              # measured vs planned peak memory over a grid (GPU only)
@@ -81,6 +82,11 @@ def _table(results: list[dict], ratios: dict) -> str:
     return "\n".join(lines)
 
 
+def default_json_out(now: datetime) -> Path:
+    """runs/bench/<timestamp>/bench.json: beside the training runs, one directory per bench, never the cwd."""
+    return Path("runs") / "bench" / now.strftime("%Y%m%d-%H%M%S") / "bench.json"
+
+
 def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -99,8 +105,11 @@ def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
     parser.add_argument("--plan-grid", action="store_true", help="planner error over a grid of runs (GPU only)")
     parser.add_argument("--shapes", default="1b,7b,8b", help="shapes for --plan-grid")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU on unlisted GPUs")
-    parser.add_argument("--json-out", type=Path, default=Path("bench.json"), help="where to write the results")
+    parser.add_argument(
+        "--json-out", type=Path, help="where to write the results (default: runs/bench/<timestamp>/bench.json)"
+    )
     args = parser.parse_args(argv)
+    args.json_out = args.json_out or default_json_out(datetime.now())
     if args.warmup >= args.steps:
         print(f"{prog}: --warmup ({args.warmup}) must be below --steps ({args.steps})", file=sys.stderr)
         return EXIT_USAGE
@@ -123,13 +132,19 @@ def main(argv: list[str] | None = None, prog: str = "lorabox bench") -> int:
         return measure(args, cuda, device_name)
 
 
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
 def measure(args, cuda: bool, device_name: str | None) -> int:
     """Run the grid or the seed-vs-lorabox comparison inside args.scratch; write args.json_out."""
     if args.plan_grid:
         from lorabox.train.bench_grid import plan_grid
 
         report = plan_grid(args, device_name)
-        args.json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_report(args.json_out, report)
+        print(f"results: {args.json_out}")
         return EXIT_OK
     shape = SHAPES[args.shape]
     if args.quick:
@@ -178,7 +193,7 @@ def measure(args, cuda: bool, device_name: str | None) -> int:
         "planned_peak_allocated_gib": {"seed": seed["planned_gib"], "lorabox": ours["planned_gib"]},
         "mfu_formula": "nonpad tok/s x (4 N_linear + 4 V H + 6 N_lora + 12 L H S) / peak bf16 FLOP/s",
     }
-    args.json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_report(args.json_out, report)
     print(_table([seed, ours], ratios))
     verdict = "same loss" if guard["ok"] else "LOSSES DIFFER"
     print(

@@ -16,7 +16,7 @@ SAMPLE_PROMPT = ("What is the capital of France?", "The capital of France is Par
 
 EXAMPLES = """\
 examples:
-  lorabox demo                          # verify, train into runs/demo/<timestamp>, print where things are
+  lorabox demo                          # verify, train into runs/demo-<timestamp>, print where things are
   lorabox demo --run-dir /tmp/demo      # choose the run directory (an existing one is resumed)
   lorabox demo --skip-verify            # train straight away
   lorabox demo --verbose                # also show the known-harmless third-party warnings lorabox hides
@@ -29,10 +29,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run-dir", type=Path, help="run directory (default: a new runs/demo/<timestamp>)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: a new runs/demo-<timestamp>)")
     parser.add_argument("--skip-verify", action="store_true", help="do not run `lorabox verify` first")
     console.add_verbose_flag(parser)
     return parser
+
+
+def default_run_dir(now: datetime) -> Path:
+    """runs/demo-<timestamp>: a sibling of runs/demo, the run dir of `lorabox train --config train/recipes/demo.yaml`,
+    never inside it (that run's checks would meet the demos' files, and a demo's its checkpoints)."""
+    return Path("runs") / f"demo-{now.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_verify() -> int:
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox demo") -> int:
             say(f"verify failed (exit {code}); fix what it reports above, then rerun `{prog}`")
             return code
     # A fresh directory per demo keeps earlier results; pass --run-dir to resume or overwrite one on purpose.
-    run_dir = args.run_dir or Path("runs/demo") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = args.run_dir or default_run_dir(datetime.now())
     say(f"[2/3] QLoRA training through accelerate launch into {run_dir}")
     from lorabox.train.launch import main as train_main
 

@@ -29,6 +29,7 @@ MAY_CHANGE = {
     "resilience.max_nan_skips": "how many NaN batches may be skipped from now on",
     "resilience.oom_backoff": "whether an out-of-memory error halves the micro-batch from now on",
     "performance.auto_fit": "the planner's micro-batch choice (the effective batch stays the recipe's)",
+    "training.report_to": "the trackers that receive the metrics from the resume step on",
 }
 NOT_COMPARED = ("output_dir", "preset")  # where the run lives, and how its values were composed
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

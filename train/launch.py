@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lorabox.env.recipe import RecipeError, load_recipe
-from lorabox.train import cpu_guard, environment, hub, rundir
+from lorabox.train import cpu_guard, environment, hub, rundir, trackers
 from lorabox.train import nodes as multinode
 from lorabox.train.console import say
 from lorabox.train.data import DataError
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None, prog: str = "lorabox train") -> int:
         for line in [*hub.check(recipe), *cpu_guard.check(recipe, args.allow_cpu, use_torch=False)]:
             say(line)
         hub.mark_checked(recipe)
+        trackers.check(recipe.training.report_to)  # a tracker's package missing: before accelerate starts
         if nodes is None or nodes.rank == 0:
             preflight(recipe, run_dir, args.allow_recipe_change, take_lock=True)  # the lock is held until we exit
         else:  # node 0's launcher holds the shared run directory's lock and checks its identity

@@ -238,7 +238,7 @@ def run_once(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     console.hide_known_warnings()
     started = time.perf_counter()  # summary.json's wall time covers loading the model and data too
-    from lorabox.train import cpu_guard, environment, hub, identity, rundir
+    from lorabox.train import cpu_guard, environment, hub, identity, rundir, trackers
 
     run_dir = Path.cwd()  # until the recipe names it
     try:
@@ -246,6 +246,7 @@ def run_once(argv: list[str] | None, prog: str) -> int:
         run_dir = (args.run_dir or recipe.output_dir).resolve()
         for line in [*hub.check(recipe), *cpu_guard.check(recipe, args.allow_cpu, use_torch=True)]:
             say(line)  # before the run directory is touched
+        trackers.prepare(recipe.training.report_to, run_dir)  # a tracker's package missing: exit 2 before loading
         if is_main_process():  # under `lorabox train` the launcher holds the run directory's lock for us
             take_lock = os.environ.get(rundir.HELD_ENV) != str(run_dir)
             train_data, eval_data, hashes = preflight(recipe, run_dir, args.allow_recipe_change, take_lock)

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lorabox.env.recipe import Recipe
 from lorabox.env.runplan import RunPlan
 from lorabox.train import console
+from lorabox.train.identity import flatten
+from lorabox.train.merge import follow_umask
 from lorabox.train.model import DTYPES
 from lorabox.train.resilience import ResilientTrainerMixin
 
@@ -39,6 +42,24 @@ class MetricsFile(TrainerCallback):
                 out.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class RecipeConfig(TrainerCallback):
+    """The resolved recipe (run_dir/config.yaml) into the W&B run's config and the MLflow run's params, from rank 0.
+    Added after transformers' integration callbacks, whose on_train_begin has started those runs by then."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        recipe = yaml.safe_load((Path(args.output_dir) / "config.yaml").read_text(encoding="utf-8"))
+        if "wandb" in args.report_to:
+            import wandb
+
+            wandb.config.update({"recipe": recipe}, allow_val_change=True)
+        if "mlflow" in args.report_to:
+            import mlflow
+
+            mlflow.log_params({f"recipe.{key}": value for key, value in flatten(recipe).items()})
+
+
 class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
     """SFTTrainer with throughput in the logs (so the progress bar, TensorBoard and metrics.jsonl all show it)."""
 
@@ -53,6 +74,14 @@ class LoraboxTrainer(ResilientTrainerMixin, SFTTrainer):
                 param.data = param.data.to(dtype)
         self._last_log = (time.perf_counter(), 0)
         console.use_progress(self)
+        if {"wandb", "mlflow"} & set(self.args.report_to):
+            self.add_callback(RecipeConfig)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter and each checkpoint's weights, readable like the files beside them (see follow_umask)."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            follow_umask(Path(output_dir or self.args.output_dir))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
@@ -105,7 +134,8 @@ def sft_config(plan: RunPlan, recipe: Recipe, run_dir: Path, has_eval: bool, los
         use_liger_kernel=plan.liger.value,
         padding_free=plan.padding_free.value,
         torch_compile=plan.torch_compile.value,
-        report_to=["tensorboard"],
+        report_to=[tracker for tracker in training.report_to if tracker != "none"],
+        run_name=run_dir.name,  # the W&B / MLflow run's name
         include_num_input_tokens_seen="non_padding",
         # TRL refuses max_length in padding-free mode without packing: train.data truncates or drops instead
         max_length=None if plan.padding_free.value else recipe.data.max_seq_len,

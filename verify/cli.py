@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from lorabox.env.report import render
+from lorabox.env.report import EXIT_USAGE, render
 from lorabox.verify.registry import CHECKS, EXIT_MEANINGS, Report, run_checks
 
 EXAMPLES = """\
@@ -20,16 +20,16 @@ examples:
   lorabox verify --only bnb --only host           # a subset of checks (names below)
 
 checks, in order: {checks}
-exit codes: {codes}
+exit codes: {codes}; {usage} bad arguments (no report)
 """
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors exit 3 ("the verifier could not run"): argparse's own 2 would read as "warnings only"."""
+    """Usage errors exit 64 (EXIT_USAGE): argparse's own 2 would read as "warnings only", 3 as a broken machine."""
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
-        self.exit(3, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Prove this environment can run QLoRA training: GPU, driver, imports, bitsandbytes kernels, "
         "allocation, host, and (with --config) whether the recipe fits in memory.",
-        epilog=EXAMPLES.format(checks=", ".join(c.rsplit(".", 1)[1] for c in CHECKS), codes=codes),
+        epilog=EXAMPLES.format(checks=", ".join(c.rsplit(".", 1)[1] for c in CHECKS), codes=codes, usage=EXIT_USAGE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (verify/schema.json)")
@@ -72,7 +72,8 @@ def print_summary(report: Report) -> None:
     parts += [f"{counts['skip']} skipped"] + ([f"{counts['error']} crashed"] if counts["error"] else [])
     env = report.environment
     torch = env["torch"] or "not read"
-    print(f"environment: python {env['python']}, torch {torch}, GPUs via {env['gpu_source']}: {env['gpus']}")
+    gpus = f"GPUs via {env['gpu_source']}: {env['gpus']}" if env["gpus"] else "no NVIDIA GPU found"
+    print(f"environment: python {env['python']}, torch {torch}, {gpus}")
     print(
         f"{', '.join(parts)} in {report.duration_s:.1f} s — exit {report.exit_code}: {EXIT_MEANINGS[report.exit_code]}"
     )

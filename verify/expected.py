@@ -10,8 +10,9 @@ from lorabox.env.manifest import Environment, Manifest, ManifestError
 
 # torch.version.cuda -> the lane that ships that build, for runs outside pixi (plain pip, Docker without pixi).
 LANE_OF_TORCH_CUDA = {None: "cpu", "11.8": "cu118", "12.6": "cu126", "13.0": "cu130"}
-# Features that carry developer tools, not the training runtime: verify does not require them.
-DEV_FEATURES = ("test", "lint")
+# Features that carry developer tools or opt-in extras (the trackers), not the training runtime: verify does not
+# require them.
+DEV_FEATURES = ("test", "lint", "track")
 
 
 @dataclass

@@ -158,3 +158,16 @@ def test_podmans_docker_wrapper_counts_as_podman(tmp_path):
     wrapper.chmod(0o755)
     engine = ask_engine("docker", str(wrapper), timeout=10)
     assert engine.name == "podman" and check_engine(engine).fix.startswith("run `podman info`")
+
+
+@pytest.mark.parametrize(("argv", "said"), [(["--engine", "dockr"], "invalid choice"), (["--bogus"], "unrecognized")])
+def test_usage_errors_exit_64_not_warnings_2(argv, said, capsys):
+    """2 means "warnings only" here, so a typo must not exit 2 (a CI script accepting warnings would pass it)."""
+    from lorabox.env.cli import main
+    from lorabox.env.report import EXIT_USAGE
+
+    assert main(["preflight", *argv], prog="lorabox env") == EXIT_USAGE == 64
+    assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preflight", "--help"], prog="lorabox env")
+    assert exit_info.value.code == 0 and "64 bad arguments" in capsys.readouterr().out

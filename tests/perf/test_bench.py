@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
-def bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def bench(*args: str, timeout: int = 400, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lorabox.train.cli", "bench", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "lorabox.train.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
 
 
@@ -20,9 +25,13 @@ def bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    run = bench("--quick", "--json-out", str(out))
-    return run, out
+    """--quick with the default output, from an empty directory: bench.json goes to runs/bench/<timestamp>/."""
+    work = tmp_path_factory.mktemp("bench")
+    run = bench("--quick", cwd=work)
+    found = list(work.glob("runs/bench/*/bench.json"))
+    assert len(found) == 1 and not (work / "bench.json").exists(), sorted(work.rglob("*"))
+    assert f"results: {found[0].relative_to(work)}" in run.stdout
+    return run, found[0]
 
 
 @pytest.mark.slow  # ~30 s of CPU: both training paths really run

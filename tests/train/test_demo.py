@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ import torch
 from tests.train.test_end_to_end import run_lorabox, shadowing_dir
 
 pytestmark = pytest.mark.slow
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +39,9 @@ def test_demo_shows_a_clear_loss_fall_and_where_everything_is(demo_run):
     assert summary["final_eval_loss"] < summary["first_train_loss"] / 2
     for name in ("adapter", "loss.png", "summary.json"):
         assert f"{run_dir / name}" in output and (run_dir / name).exists()
+    # the adapter's and checkpoints' weights follow the umask like the files beside them (safetensors writes 0600)
+    modes = {str(path.relative_to(run_dir)): path.stat().st_mode & 0o777 for path in run_dir.rglob("*.safetensors")}
+    assert "adapter/adapter_model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask()}, modes
     assert "sample   Q: What is the capital of France?\n           A: The capital of" in output
 
 
@@ -44,6 +54,9 @@ def test_merge_writes_a_plain_model_equal_to_base_plus_adapter(demo_run, cli, tm
     done = cli("lorabox.train.cli", "train", "merge", str(run_dir), "--out", str(tmp_path / "merged"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # the weights follow the umask like the config and tokenizer beside them (safetensors alone would write 0600)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask()}, modes
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     _, tokenizer, peft_model = load_trained(run_dir, dequantize=True)
@@ -59,3 +72,20 @@ def test_generate_answers_in_the_learned_form(demo_run, cli):
     assert done.returncode == 0, done.stderr[-2000:]
     # the random base cannot produce this template; the adapter learned it from the demo data
     assert done.stdout.startswith("The opposite of"), done.stdout
+
+
+def test_demo_default_run_dir_is_apart_from_the_demo_recipes(tmp_path, monkeypatch):
+    """`lorabox demo` without --run-dir must not write inside the run dir `lorabox train --config demo.yaml` uses
+    (nor that one inside it), and two demos a second apart do not share a directory."""
+    from datetime import datetime
+
+    from lorabox.env.recipe import load_recipe
+    from lorabox.train.demo import DEMO_RECIPE, default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    recipe_dir = load_recipe(DEMO_RECIPE).output_dir.resolve()
+    first = default_run_dir(datetime(2026, 1, 1, 12, 0, 0)).resolve()
+    second = default_run_dir(datetime(2026, 1, 1, 12, 0, 1)).resolve()
+    assert first != second
+    for demo in (first, second):
+        assert not demo.is_relative_to(recipe_dir) and not recipe_dir.is_relative_to(demo), (demo, recipe_dir)

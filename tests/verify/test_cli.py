@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 
 from lorabox.env import host
 from lorabox.env.gpu import FAKE_GPUS_ENV_VAR
-from lorabox.env.report import MIN_CACHE_FREE_BYTES
+from lorabox.env.report import EXIT_USAGE, MIN_CACHE_FREE_BYTES
 from lorabox.verify.checks.base import Context
 from lorabox.verify.cli import main
 from lorabox.verify.registry import CHECKS, run_checks
@@ -100,11 +101,21 @@ def test_missing_config_file_exits_3_with_one_line_and_json_that_says_so(tmp_pat
     assert report["exit_code"] == 3 and "nope.yaml" in report["errors"][0]
 
 
-def test_usage_errors_exit_3_not_2(capsys):
+def test_summary_says_no_gpu_in_words(monkeypatch, capsys):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine may have an NVIDIA GPU")
+    monkeypatch.delenv(FAKE_GPUS_ENV_VAR, raising=False)
+    assert main(["--only", "host"]) in (0, 2)
+    summary = capsys.readouterr().out.splitlines()[-2]
+    assert summary.startswith("environment: ") and summary.endswith("no NVIDIA GPU found") and "via none" not in summary
+
+
+@pytest.mark.parametrize(("argv", "said"), [(["--only", "foo"], "invalid choice"), (["--bogus"], "unrecognized")])
+def test_usage_errors_exit_64_neither_warnings_2_nor_could_not_run_3(argv, said, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--only", "gpuu"])
-    assert exit_info.value.code == 3
-    assert "invalid choice" in capsys.readouterr().err
+        main(argv)
+    assert exit_info.value.code == 64 == EXIT_USAGE
+    assert said in capsys.readouterr().err
 
 
 def test_help_shows_worked_examples_and_exit_codes(capsys):
@@ -113,6 +124,7 @@ def test_help_shows_worked_examples_and_exit_codes(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "lorabox verify --json" in out and "3 the verifier itself could not run" in out
+    assert "64 bad arguments" in out
     assert "gpu, bnb, alloc, triton, host, imports, config_fit" in out
 
 

@@ -80,6 +80,21 @@ def test_version_drift_from_the_pins_warns_with_the_fix(tmp_path, monkeypatch):
     assert versions.values["environment_reason"] == "$LORABOX_ENV"
 
 
+def test_the_optional_trackers_are_not_required(monkeypatch):
+    """The cpu environment lists the track feature (wandb, mlflow-skinny) for pixi users; `pins cpu` leaves it out,
+    so a plain pip install without it must not be drift."""
+    from lorabox.env.manifest import Manifest
+    from lorabox.verify.checks.imports import drift
+    from lorabox.verify.expected import Expected
+
+    monkeypatch.delenv("LORABOX_MANIFEST", raising=False)
+    cpu = Manifest.load().environment("cpu")
+    assert {"wandb", "mlflow-skinny"} <= set(cpu.pins)
+    pins, _ = drift(Expected("cpu", "$LORABOX_ENV", cpu))
+    assert "transformers" in pins and "pytest" not in pins
+    assert "wandb" not in pins and "mlflow-skinny" not in pins
+
+
 def test_without_pixi_toml_drift_cannot_be_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("LORABOX_MANIFEST", str(tmp_path / "missing" / "pixi.toml"))
     report = versions_report({})
