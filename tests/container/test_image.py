@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabox.train.resilience import checkpoints
+from lorabox.train.resilience import checkpoints, faults
 from tests.conftest import REPO
 from tests.container.conftest import BASE, RUNTIME_ENTRYPOINT, SESSION, podman, timed
 
@@ -42,8 +42,11 @@ def docker_host(engine, tmp_path_factory):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while not sock.exists() and time.monotonic() < deadline:
+    # podman waits for its storage lock before it listens, and another build (another test run) may hold it for minutes
+    deadline = time.monotonic() + 600
+    while not sock.exists():
+        assert service.poll() is None, f"podman system service exited with {service.returncode}"
+        assert time.monotonic() < deadline, "podman system service did not listen within 600 s"
         time.sleep(0.2)
     yield f"unix://{sock}"
     service.terminate()
@@ -165,7 +168,7 @@ def write_recipe(path: Path) -> None:
     path.write_text(
         "model:\n  name_or_path: bundled:tiny-llama\n"
         "data:\n  train_file: /app/train/samples/demo-instruction.jsonl\n  max_seq_len: 128\n  eval_fraction: 0\n"
-        "training:\n  micro_batch_size: 2\n  gradient_accumulation: 1\n  max_steps: 60\n  save_steps: 4\n"
+        "training:\n  micro_batch_size: 2\n  gradient_accumulation: 1\n  max_steps: 16\n  save_steps: 4\n"
         "  logging_steps: 1\n  learning_rate: 0.001\n  save_total_limit: 2\n"
     )
 
@@ -193,16 +196,21 @@ def test_stop_checkpoints_then_resume(cloud_image, tmp_path):
         "--network=none",
     ]
     run_dir = outputs / "run"
+    held = outputs / "held"  # the run waits at the end of step 6, after checkpoint-4: it cannot end before the stop
+    held.mkdir()
+    os.chown(held, 1000, 1000)
+    pause = ["-e", f"{faults.ENV}=pause-at-step:6", "-e", f"{faults.DIR_ENV}=/outputs/held"]
     started = time.monotonic()
-    podman("run", "-d", "--name", name, *mounts, cloud_image)
+    podman("run", "-d", "--name", name, *mounts, *pause, cloud_image)
     try:
-        deadline = time.monotonic() + 600
-        while not complete_checkpoints(run_dir) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 900
+        while not (held / "paused-rank0").exists():
             state = podman("inspect", name, "--format", "{{.State.Running}}").stdout.strip()
             assert state == "true", podman("logs", name, check=False).stderr[-4000:]
+            assert time.monotonic() < deadline, "the run did not reach step 6 within 900 s"
             time.sleep(1)
-        assert complete_checkpoints(run_dir), "no complete checkpoint within 600 s"
-        podman("stop", "-t", "120", name, timeout=180)
+        assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-4"]
+        podman("stop", "-t", "600", name, timeout=660)  # SIGTERM; SIGKILL only if the save took 10 minutes
         exit_code = int(podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout)
         logs = podman("logs", name, check=False)
     finally:
@@ -210,6 +218,7 @@ def test_stop_checkpoints_then_resume(cloud_image, tmp_path):
     timed("cloud run until stop", started)
     assert exit_code == 143, (logs.stdout + logs.stderr)[-4000:]
     stopped_at = complete_checkpoints(run_dir)[-1]
+    assert stopped_at.name == "checkpoint-6"  # the stop saved the step it stopped after
     assert checkpoints.problem(stopped_at) is None  # every file matches the size and sha256 in its marker
     assert not (run_dir / "adapter").exists(), "a stopped run must not write the final adapter"
     assert (outputs / "verify.json").is_file()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabox.train.resilience import checkpoints
+from lorabox.train.resilience import checkpoints, faults
 from tests.container.conftest import RUNTIME_ENTRYPOINT, SESSION, podman, timed
 
 pytestmark = [pytest.mark.container, pytest.mark.multinode, pytest.mark.slow]
@@ -78,11 +78,14 @@ class Job:
     def ip(self, rank: int) -> str:
         return f"{self.subnet}.{10 + rank}"
 
-    def start(self, rank: int, outputs: Path | None = None, rdzv_timeout: int = RDZV_TIMEOUT_S) -> str:
+    def start(self, rank: int, outputs: Path | None = None, rdzv_timeout: int = RDZV_TIMEOUT_S, pause: str = "") -> str:
         name = f"{self.names[rank]}-{self.launches}"
+        # pause "K:DIR": every rank waits at the end of step K until DIR/go exists or it is told to stop
+        step, _, held = pause.partition(":")
+        fault = ["-e", f"{faults.ENV}=pause-at-step:{step}", "-e", f"{faults.DIR_ENV}={held}"] if pause else []
         podman(
             "run", "-d", "--name", name, "--network", f"lorabox-mn-{SESSION}", "--ip", self.ip(rank),
-            "--entrypoint", RUNTIME_ENTRYPOINT, "-e", "LORABOX_SHARED_DIR_WAIT_S=15",
+            "--entrypoint", RUNTIME_ENTRYPOINT, "-e", "LORABOX_SHARED_DIR_WAIT_S=15", *fault,
             "-v", f"{outputs or self.outputs}:/outputs", "-v", f"{self.recipe}:/recipe.yaml:ro",
             self.image, "lorabox", "train", "--config", "/recipe.yaml", "--run-dir", "/outputs/run",
             "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"{self.ip(0)}:{PORT}",
@@ -90,9 +93,9 @@ class Job:
         )  # fmt: skip
         return name
 
-    def start_both(self) -> list[str]:
+    def start_both(self, pause: str = "") -> list[str]:
         self.remove()  # the previous launch's exited containers, so their addresses are free for certain
-        names = [self.start(0), self.start(1)]
+        names = [self.start(0, pause=pause), self.start(1, pause=pause)]
         self.launches += 1
         return names
 
@@ -107,17 +110,28 @@ class Job:
         for name in found.stdout.split():
             podman("rm", "-f", name, check=False)
 
-    def wait_for_checkpoint(self, newer_than: int, names: list[str], timeout: float = 600) -> int:
+    def hold_at(self, step: int, label: str) -> tuple[str, Path]:
+        """A pause for start_both: both ranks will wait at the end of `step` (before its checkpoint) in a fresh
+        directory on the shared volume, so no signal can race the end of the run."""
+        held = self.outputs / f"held-{label}"
+        held.mkdir()
+        os.chown(held, 1000, 1000)
+        return f"{step}:/outputs/{held.name}", held
+
+    def wait_paused(self, held: Path, names: list[str], timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            steps = complete_steps(self.outputs / "run")
-            if steps and steps[-1] > newer_than:
-                return steps[-1]
+        while not all((held / f"paused-rank{rank}").exists() for rank in (0, 1)):
             for name in names:
                 state = podman("inspect", name, "--format", "{{.State.Running}}").stdout.strip()
                 assert state == "true", podman("logs", name, check=False).stderr[-4000:]
+            assert time.monotonic() < deadline, f"the ranks did not reach the pause within {timeout} s"
             time.sleep(0.5)
-        raise AssertionError(f"no complete checkpoint after step {newer_than} within {timeout} s")
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (logs := podman("logs", name, check=False)).stderr + logs.stdout:
+            assert time.monotonic() < deadline, f"{text!r} not in {name}'s log within {timeout} s"
+            time.sleep(0.5)
 
 
 @pytest.fixture
@@ -204,21 +218,26 @@ def test_two_nodes_hold_one_adapter_and_match_one_node(job, cloud_image, tmp_pat
 
 
 def test_preemption_of_one_node_and_a_lost_node(job):
-    run = job(max_steps=40, save_steps=3)
+    run = job(max_steps=12, save_steps=3)
     run_dir = run.outputs / "run"
     started = time.monotonic()
-    names = run.start_both()
-    run.wait_for_checkpoint(0, names)
+    pause, held = run.hold_at(4, "term")  # checkpoint-3 is complete; the run cannot end while it waits
+    names = run.start_both(pause)
+    run.wait_paused(held, names)
 
     # SIGTERM to node 1 only, as a spot preemption would: both nodes stop after the same step, both exit 143.
+    # Node 1 leaves the pause on its stop request; node 0 is let go once node 1 has taken the signal.
     signalled = time.monotonic()
     podman("kill", "--signal", "TERM", names[1])
-    outcomes = [run.wait(name, 300) for name in names]
+    run.wait_for_log(names[1], "SIGTERM received")
+    (held / "go").touch()
+    outcomes = [run.wait(name, 600) for name in names]
     latency = round(time.monotonic() - signalled, 1)
     print(f"multinode: SIGTERM to node 1 -> both exited after {latency} s, codes {[c for c, _ in outcomes]}")
     for code, text in outcomes:
         assert code == 143, text[-4000:]
     stopped = complete_steps(run_dir)[-1]
+    assert stopped == 4
     checkpoint = run_dir / f"checkpoint-{stopped}"
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert checkpoints.problem(checkpoint) is None  # every file present with its recorded size and sha256
@@ -226,25 +245,29 @@ def test_preemption_of_one_node_and_a_lost_node(job):
     assert not (run_dir / "adapter").exists()
     timed("two nodes until SIGTERM stop", started)
 
-    # Relaunch both: they resume from that checkpoint; then node 1 dies with SIGKILL after the next checkpoint.
-    names = run.start_both()
-    newer = run.wait_for_checkpoint(stopped, names)
-    killed = time.monotonic()
+    # Relaunch both: they resume from that checkpoint and wait at step 8, after checkpoint-6; node 1 dies with
+    # SIGKILL there, then node 0 is let go into a collective with a dead peer.
+    pause, held = run.hold_at(8, "kill")
+    names = run.start_both(pause)
+    run.wait_paused(held, names)
+    assert complete_steps(run_dir)[-1] == 6
     podman("kill", "--signal", "KILL", names[1])
-    code, text = run.wait(names[0], DEAD_PEER_BOUND_S + 60)
+    run.wait(names[1], 120)
+    killed = time.monotonic()
+    (held / "go").touch()
+    code, text = run.wait(names[0], DEAD_PEER_BOUND_S + 300)
     gone_after = round(time.monotonic() - killed, 1)
     print(f"multinode: node 1 killed -9 -> node 0 exited {code} after {gone_after} s")
     assert f"resume: from /outputs/run/checkpoint-{stopped}" in text, text[-4000:]
     assert code != 0 and gone_after <= DEAD_PEER_BOUND_S, (code, gone_after, text[-3000:])
-    last = complete_steps(run_dir)[-1]
-    assert last >= newer
+    assert complete_steps(run_dir)[-1] == 6
 
     # Relaunch both again: they resume from the newest complete checkpoint and finish.
     started = time.monotonic()
     texts = finish(run, run.start_both())
     timed("two nodes resumed to the end", started)
-    assert f"resume: from /outputs/run/checkpoint-{last}" in texts[0], texts[0][-4000:]
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
+    assert "resume: from /outputs/run/checkpoint-6" in texts[0], texts[0][-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
 
 
 def test_unreachable_rendezvous_is_named(job):
