@@ -3,6 +3,8 @@ container test module uses the same one) under a tag unique to the session, and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +23,10 @@ BASE = os.environ.get("LORABOX_BASE_IMAGE", "localhost/debian:bookworm")
 WHEELS = Path(os.environ.get("PIP_FIND_LINKS", "/opt/wheels"))  # the host's CPU torch wheel, if it has one
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 SESSION = uuid.uuid4().hex[:8]  # in image tags, network and container names: concurrent runs never collide
+# Concurrent test runs on one host share podman's image store. Each holds this lock shared for its whole session;
+# pruning dangling images would delete another run's cached build layers mid-build, so only a run that can take it
+# exclusively (no other run alive) prunes. A second lock serialises building the shared environment stand-in.
+HOST_LOCKS = Path(os.environ.get("TMPDIR", "/tmp"))
 TIMINGS: dict[str, float] = {}
 RUNTIME_ENTRYPOINT = '["/usr/bin/tini", "--", "/app/docker/entrypoint.sh"]'  # the linux target's (the runtime stage's)
 
@@ -48,6 +54,23 @@ def build_image(name: str, tag: str, containerfile: str, *args: str) -> None:
     timed(name, started)
 
 
+@contextlib.contextmanager
+def host_lock(name: str, mode: int):
+    """flock on a host-wide file: the kernel releases it when a test run dies, so no run waits on a stale one."""
+    with open(HOST_LOCKS / f"lorabox-container-tests-{name}.lock", "a") as handle:
+        fcntl.flock(handle, mode)
+        yield
+
+
+def prune_if_alone() -> None:
+    """Remove dangling images (build layers) unless another test run is using the image store."""
+    try:
+        with host_lock("store", fcntl.LOCK_EX | fcntl.LOCK_NB):
+            podman("image", "prune", "-f", check=False)
+    except BlockingIOError:
+        print("container images: another test run is using the image store; dangling layers left to the last run")
+
+
 @pytest.fixture(scope="session")
 def engine():
     if shutil.which("podman") is None:
@@ -57,7 +80,9 @@ def engine():
         pytest.skip(f"podman cannot run containers here: {(info.stderr.strip().splitlines() or ['?'])[-1]}")
     if podman("image", "exists", BASE, check=False).returncode != 0:
         pytest.skip(f"base image {BASE} is missing: `.ci/containers` builds it with debootstrap")
-    yield
+    with host_lock("store", fcntl.LOCK_SH):
+        yield
+    prune_if_alone()
     print(f"container timings (s): {json.dumps(TIMINGS)}")
 
 
@@ -67,8 +92,13 @@ def env_image(engine, tmp_path_factory) -> str:
     inputs = ["pixi.toml", "pyproject.toml", "tests/container/pins-env.Containerfile"]
     digest = hashlib.sha256(b"".join((REPO / name).read_bytes() for name in inputs)).hexdigest()[:12]
     tag = f"localhost/lorabox-pins-env:cpu-{digest}"
-    if podman("image", "exists", tag, check=False).returncode == 0:
-        return tag
+    with host_lock("pins-env", fcntl.LOCK_EX):  # a concurrent run building the same tag: wait for it, then reuse
+        if podman("image", "exists", tag, check=False).returncode != 0:
+            build_pins_env(tag, tmp_path_factory)
+    return tag
+
+
+def build_pins_env(tag: str, tmp_path_factory) -> None:
     wheels = WHEELS if WHEELS.is_dir() else tmp_path_factory.mktemp("no-wheels")
     # Without a local CPU torch wheel, pip must see the CPU wheel index that CI sets (a bare torch pin is CUDA's).
     extra_index = os.environ.get("PIP_EXTRA_INDEX_URL")
@@ -87,7 +117,6 @@ def env_image(engine, tmp_path_factory) -> str:
         "--build-arg",
         f"BASE_IMAGE={BASE}",
     )
-    return tag
 
 
 def plan(*args: str) -> dict:
@@ -112,4 +141,3 @@ def cloud_image(env_image) -> str:
     build_image("runtime build (cloud target, podman build)", tag, cloud["dockerfile"], "--target", "cloud", *args)
     yield tag
     podman("rmi", "-f", tag, check=False)
-    podman("image", "prune", "-f", check=False)
