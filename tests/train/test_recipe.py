@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,22 @@ def test_config_hash_ignores_output_dir_only(tmp_path):
     assert base.config_hash() == load_recipe(write(tmp_path, MINIMAL), ["output_dir=elsewhere"]).config_hash()
     assert base.config_hash() != load_recipe(write(tmp_path, MINIMAL), ["lora.r=8"]).config_hash()
     assert load_recipe(write(tmp_path, base.to_yaml())) == base  # the saved config.yaml reloads to the same recipe
+
+
+GPU_PRESETS = [name for name in PRESETS if name.startswith("gpu-")]
+# "1 x 1024 tokens" in a preset's description, "1 × 1024 tokens (`preset: gpu-12gb`)" in the docs' tier table
+SHAPE = re.compile(r"(\d+) [x×] (\d+) tokens")
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_what_a_gpu_preset_says_of_itself_and_in_the_docs_is_what_it_sets(name):
+    description, values = PRESETS[name]
+    actual = (str(values["training"]["micro_batch_size"]), str(values["data"]["max_seq_len"]))
+    assert SHAPE.search(description).groups() == actual, description
+    checkpointing = values["performance"]["gradient_checkpointing"]
+    assert ("checkpointing on" in description) == (checkpointing == "on"), description
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if f"`{name}`" in line or f"preset: {name}`" in line:
+                for shape in SHAPE.findall(line):
+                    assert shape == actual, f"{page.name}: {line}"
