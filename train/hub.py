@@ -116,8 +116,27 @@ def probe(repo: str, revision: str | None) -> tuple[str, str] | None:
             return f"refused ({code}), {token}", _gated(repo, revision, token)
         why = f"the Hub answered {code}"
     except Exception as error:  # no DNS, refused, timed out, TLS, proxy: all mean "cannot reach it from here"
-        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        why = _network_failure(error)
     return f"unreachable ({why})", _unreachable(repo, revision, why)
+
+
+def _network_failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def unreachable(repo: str, revision: str | None, repo_type: str) -> str | None:
+    """Why the Hub cannot be reached for this repository (one request, no retries), or None when it answered,
+    whatever it answered: a gated or missing repository is for the loader to name."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().repo_info(repo, repo_type=repo_type, revision=revision, timeout=PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        return None
+    except Exception as error:  # as in probe(): every other failure means "cannot reach it from here"
+        return _network_failure(error)
+    return None
 
 
 def _gated(repo: str, revision: str | None, token: str) -> str:

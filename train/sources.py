@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabox.env.recipe_data import DataSection, DataSource, is_template_file
+from lorabox.train import hub
 from lorabox.train.data import DataError, DataSet, parse_jsonl, read_jsonl, validate_rows
 
 FILE_KINDS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}  # `datasets` packaged loaders by suffix
@@ -36,15 +37,18 @@ def _hub(source: DataSource, key: str):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     args = {"name": source.config, "split": source.split}
+    # One quick request first: datasets retries an unreachable Hub for about half a minute before it gives up.
+    no_hub = None if constants.HF_HUB_OFFLINE else hub.unreachable(source.hub, source.revision, "dataset")
     try:
-        if constants.HF_HUB_OFFLINE:  # `hf download` fills the hub cache; datasets offline reads only its own cache
+        if constants.HF_HUB_OFFLINE or no_hub:  # `hf download` fills the hub cache; datasets reads only its own
             try:
                 local = snapshot_download(
                     source.hub, repo_type="dataset", revision=source.revision, local_files_only=True
                 )
                 return datasets.load_dataset(local, **args)
             except LocalEntryNotFoundError:
-                pass
+                if no_hub:
+                    raise OSError(f"the Hub ({constants.ENDPOINT}) cannot be reached ({no_hub})") from None
         return datasets.load_dataset(source.hub, revision=source.revision, **args)
     except ValueError as error:  # an unknown config or split: datasets names the ones that exist
         raise DataError(
@@ -52,7 +56,7 @@ def _hub(source: DataSource, key: str):
         ) from None
     except OSError as error:  # not cached while offline, unreachable, gated, or no such dataset
         offline = " (HF_HUB_OFFLINE=1: only the local cache is read)" if constants.HF_HUB_OFFLINE else ""
-        cached = "" if offline else "; to use only what is cached, without retries, set HF_HUB_OFFLINE=1"
+        cached = "" if offline or no_hub else "; to use only what is cached, without retries, set HF_HUB_OFFLINE=1"
         revision = f" --revision {source.revision}" if source.revision else ""
         raise DataError(
             f"{key}: Hub dataset {source.hub} (config {source.config or 'default'}, split {source.split}) is not "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import datasets
@@ -204,6 +205,35 @@ def test_offline_hub_reads_the_cache_and_names_what_is_missing(tmp_path, monkeyp
     assert "data.sources[1]: Hub dataset acme/absent (config default, split validation) is not available" in output
     assert "HF_HUB_OFFLINE=1" in output and "`hf download --repo-type dataset acme/absent`" in output, output
     assert "HF_TOKEN" in output
+
+
+def test_unreachable_hub_uses_the_cache_and_stops_at_once_for_the_rest(tmp_path, monkeypatch, cli, make_recipe):
+    """Online but the Hub refuses connections: one quick request finds that out (datasets would retry for about
+    half a minute); the cached dataset loads, the other one stops the run with exit 2 naming why."""
+    fake_hub_cache(tmp_path / "hf")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: connection refused
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    sources = [
+        {"hub": "acme/qa", "config": "short", "split": "train", "columns": QA_COLUMNS},
+        {"hub": "acme/absent", "split": "validation"},
+    ]
+    recipe = make_recipe(tmp_path, tmp_path / "unused.jsonl", data={"sources": sources})
+    done = cli("lorabox.train.cli", "train", "--config", str(recipe), "--run-dir", str(tmp_path / "run"), timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    assert "data.sources[0]" not in output  # acme/qa:short came from the cache
+    expected = (
+        "data.sources[1]: Hub dataset acme/absent (config default, split validation) is not available: "
+        f"the Hub (http://127.0.0.1:{port}) cannot be reached (ConnectError"
+    )
+    assert expected in output, output
+    assert "`hf download --repo-type dataset acme/absent`" in output and "set HF_HUB_OFFLINE=1" not in output, output
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
