@@ -188,11 +188,10 @@ def fake_hub_cache(hf_home: Path) -> None:
     (snapshot / "README.md").write_text(card, encoding="utf-8")
 
 
-def test_offline_hub_reads_the_cache_and_names_what_is_missing(tmp_path, monkeypatch, cli, make_recipe):
-    """Through `lorabox train`: the cached Hub dataset loads, the missing one stops the run with exit 2."""
+def train_on_a_cached_and_an_absent_hub_dataset(tmp_path, cli, make_recipe) -> str:
+    """`lorabox train` on acme/qa (in a fake Hub cache) and acme/absent: refused with exit 2 for the absent one
+    alone, no traceback; its output."""
     fake_hub_cache(tmp_path / "hf")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sources = [
         {"hub": "acme/qa", "config": "short", "split": "train", "columns": QA_COLUMNS},
         {"hub": "acme/absent", "split": "validation"},
@@ -202,6 +201,14 @@ def test_offline_hub_reads_the_cache_and_names_what_is_missing(tmp_path, monkeyp
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in output, output
     assert "data.sources[0]" not in output  # acme/qa:short came from the cache
+    return output
+
+
+def test_offline_hub_reads_the_cache_and_names_what_is_missing(tmp_path, monkeypatch, cli, make_recipe):
+    """Through `lorabox train`: the cached Hub dataset loads, the missing one stops the run with exit 2."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = train_on_a_cached_and_an_absent_hub_dataset(tmp_path, cli, make_recipe)
     assert "data.sources[1]: Hub dataset acme/absent (config default, split validation) is not available" in output
     assert "HF_HUB_OFFLINE=1" in output and "`hf download --repo-type dataset acme/absent`" in output, output
     assert "HF_TOKEN" in output
@@ -210,7 +217,6 @@ def test_offline_hub_reads_the_cache_and_names_what_is_missing(tmp_path, monkeyp
 def test_unreachable_hub_uses_the_cache_and_stops_at_once_for_the_rest(tmp_path, monkeypatch, cli, make_recipe):
     """Online but the Hub refuses connections: one quick request finds that out (datasets would retry for about
     half a minute); the cached dataset loads, the other one stops the run with exit 2 naming why."""
-    fake_hub_cache(tmp_path / "hf")
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -218,15 +224,7 @@ def test_unreachable_hub_uses_the_cache_and_stops_at_once_for_the_rest(tmp_path,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    sources = [
-        {"hub": "acme/qa", "config": "short", "split": "train", "columns": QA_COLUMNS},
-        {"hub": "acme/absent", "split": "validation"},
-    ]
-    recipe = make_recipe(tmp_path, tmp_path / "unused.jsonl", data={"sources": sources})
-    done = cli("lorabox.train.cli", "train", "--config", str(recipe), "--run-dir", str(tmp_path / "run"), timeout=120)
-    output = done.stdout + done.stderr
-    assert done.returncode == 2 and "Traceback" not in output, output
-    assert "data.sources[0]" not in output  # acme/qa:short came from the cache
+    output = train_on_a_cached_and_an_absent_hub_dataset(tmp_path, cli, make_recipe)
     expected = (
         "data.sources[1]: Hub dataset acme/absent (config default, split validation) is not available: "
         f"the Hub (http://127.0.0.1:{port}) cannot be reached (ConnectError"
